@@ -1,0 +1,147 @@
+"""Random access to the rows of an SFT file without loading it into Python objects.
+
+* ``.parquet`` and ``datasets.save_to_disk`` directories: a memory-mapped Arrow dataset
+  (HF ``datasets``). Arrow cannot tell a missing key from a null one and fills absent struct
+  fields with nulls, so null values are dropped from rows read this way (keep tool-call
+  arguments as JSON strings if a null inside them matters).
+* ``.jsonl``: an index of line byte offsets (8 bytes a row) and ``json.loads`` on access.
+  We do not route JSONL through Arrow because its schema inference rejects or rewrites rows
+  whose nested objects differ in shape (tool arguments, tool schemas), which real chat data does.
+* ``.json``: a top-level list, parsed once (JSON arrays cannot be indexed lazily; use JSONL or
+  Parquet for large data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from typing import Any, Protocol
+
+__all__ = ["RowSource", "open_rows"]
+
+
+class RowSource(Protocol):
+    path: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Any: ...
+
+    def where(self, i: int) -> str:
+        """Human-readable location of row ``i`` (for error messages)."""
+        ...
+
+
+class RowReadError(ValueError):
+    """A row that cannot even be parsed (the caller reports file/row)."""
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+class JsonlRows:
+    def __init__(self, path: str):
+        self.path = path
+        self._offsets = array("q")
+        self._lines = array("q")
+        pos = 0
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    self._offsets.append(pos)
+                    self._lines.append(lineno)
+                pos += len(line)
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> Any:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(self._offsets[i])
+        line = self._fh.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RowReadError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+
+    def where(self, i: int) -> str:
+        return f"row {i} (line {self._lines[i]})"
+
+    def __getstate__(self):  # picklable for Ray: reopen the file lazily on the other side
+        state = self.__dict__.copy()
+        state["_fh"] = None
+        return state
+
+
+class JsonListRows:
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
+        self._rows = data
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self._rows[i]
+
+    def where(self, i: int) -> str:
+        return f"row {i}"
+
+
+class ArrowRows:
+    def __init__(self, path: str, dataset: Any):
+        self.path = path
+        self._ds = dataset
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> Any:
+        return _drop_nulls(self._ds[int(i)])
+
+    def where(self, i: int) -> str:
+        return f"row {i}"
+
+
+def _load_arrow(path: str) -> Any:
+    import datasets
+
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
+            ds = ds["train"]
+        return ds
+    return datasets.Dataset.from_parquet(path)
+
+
+def open_rows(path: str) -> RowSource:
+    """Open ``path`` (.jsonl, .json, .parquet or a save_to_disk directory) for random access."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        return ArrowRows(path, _load_arrow(path))
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        return JsonlRows(path)
+    if ext == ".json":
+        return JsonListRows(path)
+    if ext == ".parquet":
+        return ArrowRows(path, _load_arrow(path))
+    raise ValueError(f"{path}: unsupported data format {ext!r}; use .jsonl, .json, .parquet or a save_to_disk directory")

@@ -1,0 +1,106 @@
+"""Command line, parsed once. Flag names follow THUDM/slime and Megatron-LM.
+
+Each part of the program gets a small typed group built from the parsed namespace
+(e.g. `slime.data.config.SFTDataConfig.from_args`), never the namespace to mutate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+__all__ = ["add_data_arguments", "add_rollout_arguments", "get_parser", "parse_args"]
+
+DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sft_rollout.generate_rollout"
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("data")
+    g.add_argument("--hf-checkpoint", type=str, default=None, help="HF model dir; its tokenizer and chat template render the data")
+    g.add_argument("--prompt-data", type=str, default=None, help="SFT rows: .jsonl, .json (list), .parquet or a save_to_disk dir")
+    g.add_argument("--input-key", type=str, default="messages", help="column with the OpenAI-style messages")
+    g.add_argument("--tool-key", type=str, default="tools", help="column with the tools of each row (list or JSON string)")
+    g.add_argument("--metadata-key", type=str, default="metadata", help="column copied into Sample.metadata")
+    g.add_argument("--label-key", type=str, default=None, help="column copied into Sample.label")
+    g.add_argument(
+        "--apply-chat-template-kwargs",
+        type=_json_object,
+        default={},
+        help='extra chat template variables as JSON, e.g. \'{"enable_thinking": false}\'',
+    )
+    g.add_argument(
+        "--multi-turn-policy",
+        choices=("full", "keep-reasoning", "per-turn"),
+        default="full",
+        help="full: the conversation as the template renders it; keep-reasoning: every assistant turn "
+        "rendered as if last (history reasoning kept); per-turn: one sample per assistant turn with its "
+        "exact inference-time context (see docs/sft_data.md)",
+    )
+    g.add_argument(
+        "--rollout-max-context-len",
+        "--max-length",
+        dest="rollout_max_context_len",
+        type=_positive_int,
+        default=None,
+        help="tokens per sample; longer samples are truncated (counted), those left with no supervised token are invalid",
+    )
+    g.add_argument(
+        "--skip-invalid-samples",
+        action="store_true",
+        help="skip (and count) invalid rows instead of stopping before training",
+    )
+    g.add_argument("--rollout-shuffle", action="store_true", help="shuffle the samples, reshuffled every epoch")
+    g.add_argument("--rollout-seed", type=int, default=42, help="seed of the data order")
+    g.add_argument("--num-epoch", type=_positive_int, default=None, help="epochs over the data (sets --num-rollout)")
+    g.add_argument("--num-rollout", type=_positive_int, default=None, help="number of rollouts (overrides --num-epoch)")
+    return parser
+
+
+def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("rollout")
+    g.add_argument("--rollout-batch-size", type=_positive_int, default=None, help="samples per rollout")
+    g.add_argument(
+        "--rollout-function-path",
+        type=str,
+        default=DEFAULT_ROLLOUT_FUNCTION,
+        help="generate_rollout(args, rollout_id, data_buffer, evaluation=False) -> list[Sample]",
+    )
+    return parser
+
+
+def get_parser(add_custom_arguments: Callable | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    add_data_arguments(parser)
+    add_rollout_arguments(parser)
+    if add_custom_arguments is not None:
+        add_custom_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, add_custom_arguments: Callable | None = None) -> argparse.Namespace:
+    """Parse and check the command line; errors exit with the flag named (argparse's style)."""
+    parser = get_parser(add_custom_arguments)
+    args = parser.parse_args(argv)
+    if args.prompt_data is None:
+        parser.error("--prompt-data is required")
+    if args.hf_checkpoint is None:
+        parser.error("--hf-checkpoint is required")
+    return args
