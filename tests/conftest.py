@@ -1,0 +1,56 @@
+"""Shared fixtures. Tests that need ../shared assets skip cleanly when it is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "slime" / "assets" / "tiny-qwen3"
+TINY_DATA = ROOT / "slime" / "assets" / "tiny_sft.jsonl"
+SHARED = ROOT.parent / "shared"
+QWEN3_TOKENIZER = SHARED / "assets" / "qwen3-tokenizer"
+SHARED_DATA = SHARED / "data"
+
+
+def load_tokenizer(path: Path = TINY):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return load_tokenizer(TINY)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    if not (QWEN3_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("../shared/assets/qwen3-tokenizer not present")
+    return load_tokenizer(QWEN3_TOKENIZER)
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"../shared/data/{name} not present")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (tools/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
