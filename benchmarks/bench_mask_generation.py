@@ -27,7 +27,6 @@ from slime.data.chat_template import ChatTemplate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TOKENIZER = os.path.join(REPO, "..", "shared", "assets", "qwen3-tokenizer")
 TINY_TOKENIZER = os.path.join(REPO, "slime", "assets", "tiny-qwen3")
-POLICIES = ("full", "keep-reasoning", "per-turn")
 TARGET = 1.5  # acceptable time(full) / time(floor)
 
 TOOLS = [
@@ -112,7 +111,7 @@ def main() -> int:
              "| per-turn/floor | full µs/token |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
-    failed, ratios, us_per_tok = False, {}, {}
+    failed, ratios, us_per_tok, floor_us = False, {}, {}, {}
     for turns in args.turns:
         rng = random.Random(args.seed * 1000 + turns)
         convs = [make_conversation(rng, turns) for _ in range(args.conversations)]
@@ -140,6 +139,7 @@ def main() -> int:
         per_turn_ratio = (time.perf_counter() - t0) / sub_floor
         ratios[turns] = t["full"] / t["floor"]
         us_per_tok[turns] = 1e6 * t["full"] / tokens
+        floor_us[turns] = 1e6 * t["floor"] / tokens
         row = (f"| {turns} | {len(convs)} | {tokens} | {tokens / t['floor']:,.0f} | {tokens / t['full']:,.0f} "
                f"| {ratios[turns]:.2f}x | {t['keep-reasoning'] / t['floor']:.2f}x | {per_turn_ratio:.2f}x "
                f"| {us_per_tok[turns]:.2f} |")
@@ -155,7 +155,7 @@ def main() -> int:
         f"max full/floor = {ratios[worst]:.2f}x (turns={worst}); target <= {TARGET}x: "
         + ("MET" if ratios[worst] <= TARGET else "NOT MET"),
         f"Linearity: full µs/token {us_per_tok[lo]:.2f} at {lo} turns -> {us_per_tok[hi]:.2f} at {hi} turns "
-        f"({growth:.2f}x): " + ("LINEAR (per-token cost roughly constant)" if growth <= 1.5
+        f"({growth:.2f}x; floor {floor_us[lo]:.2f} -> {floor_us[hi]:.2f}): " + ("LINEAR (per-token cost roughly constant)" if growth <= 1.5
                                  else "NOT LINEAR (per-token cost grows with turns)"),
         "ids check: " + ("FAIL (full-policy ids differ from the floor, see above)" if failed
                          else "OK (full-policy ids == apply_chat_template ids for every conversation)"),
