@@ -258,19 +258,30 @@ class ChatTemplate:
             )
         return self._tokenize(text, [(start, end)], i, max_length)
 
-    def render_as_last(self, message: dict) -> str:
-        """An assistant message's generated text as the template renders the final turn."""
-        text = self.render([_PROBE_USER, message])
-        if not text.startswith(self._probe_prefix):
-            raise TemplateError("the template renders the probe user turn differently when followed by an answer")
-        (_, start, end), = self.assistant_spans(text, [_PROBE_USER, message])
-        return text[start:end]
+    def render_as_last(self, messages: list[dict]) -> list[str]:
+        """Each assistant message's generated text as the template renders a final turn.
+
+        One batched template call for all turns of a conversation (per-call overhead
+        dominates these small renders).
+        """
+        if not messages:
+            return []
+        texts = self.tokenizer.apply_chat_template(
+            [[_PROBE_USER, m] for m in messages], tokenize=False, **self.template_kwargs
+        )
+        out = []
+        for message, text in zip(messages, texts):
+            if not text.startswith(self._probe_prefix):
+                raise TemplateError("the template renders the probe user turn differently when followed by an answer")
+            ((_, start, end),) = self.assistant_spans(text, [_PROBE_USER, message])
+            out.append(text[start:end])
+        return out
 
     def _splice_as_last(self, text: str, spans: list[tuple[int, int, int]], messages: list[dict]):
         """Replace every assistant span by its as-if-last rendering (reasoning kept)."""
         pieces, new_spans, pos, out_len = [], [], 0, 0
-        for i, s, e in spans:
-            generated = self.render_as_last(messages[i])
+        as_last = self.render_as_last([messages[i] for i, _, _ in spans])
+        for (i, s, e), generated in zip(spans, as_last):
             pieces.append(text[pos:s])
             out_len += s - pos
             pieces.append(generated)
