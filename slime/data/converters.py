@@ -73,6 +73,14 @@ def _tool_call(name: Any, arguments: Any, field: str, call_id: str | None = None
     return call
 
 
+def _output_row(messages: list[dict], row: dict, tools_key: str) -> dict:
+    out = {"messages": messages}
+    tools = _openai_tools(row.get(tools_key), tools_key) if tools_key in row else None
+    if tools:
+        out["tools"] = tools
+    return out
+
+
 # --------------------------------------------------------------------------- ShareGPT
 SHAREGPT_ROLES = {
     "system": "system",
@@ -123,11 +131,7 @@ def sharegpt_row(row: dict, conversations_key: str = "conversations", tools_key:
             if role == "assistant" and turn.get("weight") in (0, False):
                 msg["loss_weight"] = 0
             messages.append(msg)
-    out = {"messages": messages}
-    tools = _openai_tools(row.get(tools_key), tools_key) if tools_key in row else None
-    if tools:
-        out["tools"] = tools
-    return out
+    return _output_row(messages, row, tools_key)
 
 
 # --------------------------------------------------------------------------- Alpaca
@@ -306,11 +310,7 @@ def content_parts_row(row: dict, messages_key: str = "messages", tools_key: str 
         else:
             raise ConversionError(f"{where}.content", "must be a string or a list of parts")
         messages.append(out)
-    result = {"messages": messages}
-    tools = _openai_tools(row.get(tools_key), tools_key) if tools_key in row else None
-    if tools:
-        result["tools"] = tools
-    return result
+    return _output_row(messages, row, tools_key)
 
 
 CONVERTERS: dict[str, Callable[..., dict | None]] = {
