@@ -1,0 +1,166 @@
+"""HF <-> megatron-core weights for Qwen3, Qwen2/2.5 and Llama-3 dense models, any TP size.
+
+Megatron's names are those of `model_provider.build_gpt_model` (local layer spec). Layouts:
+
+* ``linear_qkv`` rows are grouped per KV group: ``[q (heads/groups * d), k (d), v (d)]`` for
+  each group, so a TP rank's shard is a contiguous block of groups;
+* ``linear_fc1`` is ``[gate; up]`` *per rank*: rank r holds ``[gate_r; up_r]``;
+* row-parallel ``linear_proj`` / ``linear_fc2`` split the input dimension;
+* embedding and output layer are split by vocabulary, padded to ``padded_vocab_size(tp)``
+  with zero rows that are dropped again on export.
+
+`hf_to_mcore` gives one rank's shards; `mcore_to_hf` takes every rank's and gives HF tensors
+back bit-exactly (only reshapes, splits and concatenations: no arithmetic).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from slime.backends.megatron_utils.model_config import ModelArgs
+
+__all__ = ["hf_to_mcore", "load_hf_state_dict", "mcore_to_hf", "save_hf_checkpoint"]
+
+_NORMS = {  # megatron suffix -> HF suffix, per layer, replicated on every rank
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
+
+
+def _chunk(t: torch.Tensor, tp_rank: int, tp_size: int, dim: int = 0) -> torch.Tensor:
+    if t.shape[dim] % tp_size:
+        raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by TP {tp_size}")
+    return t.chunk(tp_size, dim=dim)[tp_rank].contiguous()
+
+
+def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
+    if t.shape[0] == padded:
+        return t
+    return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])], dim=0)
+
+
+def _qkv_to_mcore(q, k, v, m: ModelArgs) -> torch.Tensor:
+    """HF q/k/v (weight [out, in] or bias [out]) -> megatron's grouped [ng * (q_g + 2) * d, ...]."""
+    ng, d = m.num_query_groups, m.kv_channels
+    per = m.num_attention_heads // ng
+    rest = q.shape[1:]
+    q = q.reshape(ng, per * d, *rest)
+    k = k.reshape(ng, d, *rest)
+    v = v.reshape(ng, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(ng * (per + 2) * d, *rest)
+
+
+def _qkv_to_hf(qkv, m: ModelArgs):
+    ng, d = m.num_query_groups, m.kv_channels
+    per = m.num_attention_heads // ng
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(ng, (per + 2) * d, *rest)
+    q, k, v = grouped.split([per * d, d, d], dim=1)
+    return (x.reshape(-1, *rest).contiguous() for x in (q, k, v))
+
+
+def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
+    """One TP rank's megatron state dict from a HF state dict (``model.*``, ``lm_head.weight``)."""
+    if m.num_query_groups % tp_size:
+        raise ValueError(f"--num-query-groups {m.num_query_groups} is not divisible by TP {tp_size}")
+    padded = m.padded_vocab_size(tp_size)
+    out: dict[str, torch.Tensor] = {}
+    out["embedding.word_embeddings.weight"] = _chunk(_pad_vocab(hf["model.embed_tokens.weight"], padded), tp_rank, tp_size)
+    for i in range(m.num_layers):
+        h, g = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for mc, hn in _NORMS.items():
+            if h + hn in hf:
+                out[g + mc] = hf[h + hn]
+        a = h + "self_attn."
+        qkv = _qkv_to_mcore(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], m)
+        out[g + "self_attention.linear_qkv.weight"] = _chunk(qkv, tp_rank, tp_size)
+        if m.add_qkv_bias:
+            bias = _qkv_to_mcore(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], m)
+            out[g + "self_attention.linear_qkv.bias"] = _chunk(bias, tp_rank, tp_size)
+        out[g + "self_attention.linear_proj.weight"] = _chunk(hf[a + "o_proj.weight"], tp_rank, tp_size, dim=1)
+        mlp = h + "mlp."
+        gate = _chunk(hf[mlp + "gate_proj.weight"], tp_rank, tp_size)
+        up = _chunk(hf[mlp + "up_proj.weight"], tp_rank, tp_size)
+        out[g + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+        out[g + "mlp.linear_fc2.weight"] = _chunk(hf[mlp + "down_proj.weight"], tp_rank, tp_size, dim=1)
+    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+    if m.untie_embeddings_and_output_weights:
+        out["output_layer.weight"] = _chunk(_pad_vocab(hf["lm_head.weight"], padded), tp_rank, tp_size)
+    return out
+
+
+def mcore_to_hf(shards: list[Mapping[str, torch.Tensor]], m: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF state dict from every TP rank's megatron state dict (rank order)."""
+    tp = len(shards)
+    first = shards[0]
+
+    def cat(name: str, dim: int = 0) -> torch.Tensor:
+        return torch.cat([s[name] for s in shards], dim=dim)
+
+    hf: dict[str, torch.Tensor] = {}
+    hf["model.embed_tokens.weight"] = cat("embedding.word_embeddings.weight")[: m.vocab_size].contiguous()
+    for i in range(m.num_layers):
+        h, g = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for mc, hn in _NORMS.items():
+            if g + mc in first:
+                hf[h + hn] = first[g + mc]
+        a = h + "self_attn."
+        hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"] = _qkv_to_hf(
+            cat(g + "self_attention.linear_qkv.weight"), m
+        )
+        if m.add_qkv_bias:
+            hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"] = _qkv_to_hf(
+                cat(g + "self_attention.linear_qkv.bias"), m
+            )
+        hf[a + "o_proj.weight"] = cat(g + "self_attention.linear_proj.weight", dim=1)
+        gates, ups = zip(*(s[g + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards))
+        mlp = h + "mlp."
+        hf[mlp + "gate_proj.weight"] = torch.cat(gates, dim=0)
+        hf[mlp + "up_proj.weight"] = torch.cat(ups, dim=0)
+        hf[mlp + "down_proj.weight"] = cat(g + "mlp.linear_fc2.weight", dim=1)
+    hf["model.norm.weight"] = first["decoder.final_layernorm.weight"]
+    if m.untie_embeddings_and_output_weights:
+        hf["lm_head.weight"] = cat("output_layer.weight")[: m.vocab_size].contiguous()
+    return hf
+
+
+def load_hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint directory (safetensors, sharded or not; never pickle)."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"--hf-checkpoint {hf_dir!r} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied checkpoints omit it
+    return state
+
+
+def save_hf_checkpoint(hf_state: Mapping[str, torch.Tensor], out_dir: str, origin_hf_dir: str, m: ModelArgs) -> None:
+    """safetensors + config.json (+ tokenizer and generation config) copied from ``origin_hf_dir``."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in hf_state.items()}
+    if not m.untie_embeddings_and_output_weights:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(origin_hf_dir):
+        if name.endswith(".safetensors") or name.endswith(".bin") or name == "model.safetensors.index.json":
+            continue
+        src = os.path.join(origin_hf_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out_dir, name))

@@ -1,0 +1,127 @@
+"""Build a megatron-core GPTModel (local layer spec, no Transformer Engine) from `ModelArgs`.
+
+The local spec's core attention is replaced by `PackedCoreAttention` so packed (THD) batches
+work on every device. Fusions that need apex/TE kernels are off; on CUDA, bf16 training keeps
+fp32 master weights in megatron's optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slime.backends.megatron_utils.model_config import ModelArgs
+
+__all__ = ["ModelBuildArgs", "build_gpt_model", "layer_spec", "transformer_config"]
+
+
+@dataclass(frozen=True)
+class ModelBuildArgs:
+    """How to instantiate the architecture: parallelism, precision, dropout, recompute.
+
+    bf16: bf16 params/activations (GPU); fp32 otherwise (CPU).
+    attention_backend: `attention.BACKENDS` (sdpa reference, flex / varlen fast paths).
+    recompute_*: Megatron-LM's activation recomputation flags.
+    """
+
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    bf16: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    attention_backend: str = "sdpa"
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    init_method_std: float = 0.02
+    use_cpu_initialization: bool = True
+
+    def __post_init__(self):
+        if self.tensor_model_parallel_size < 1:
+            raise ValueError("--tensor-model-parallel-size must be >= 1")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.recompute_granularity == "full" and self.recompute_method not in ("uniform", "block"):
+            raise ValueError("--recompute-granularity full needs --recompute-method uniform|block")
+        if self.recompute_granularity == "full" and not self.recompute_num_layers:
+            raise ValueError("--recompute-granularity full needs --recompute-num-layers")
+
+
+def transformer_config(model: ModelArgs, build: ModelBuildArgs):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if build.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        tensor_model_parallel_size=build.tensor_model_parallel_size,
+        sequence_parallel=build.sequence_parallel,
+        bf16=build.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        hidden_dropout=build.hidden_dropout,
+        attention_dropout=build.attention_dropout,
+        recompute_granularity=build.recompute_granularity,
+        recompute_method=build.recompute_method,
+        recompute_num_layers=build.recompute_num_layers,
+        init_method_std=build.init_method_std,
+        use_cpu_initialization=build.use_cpu_initialization,
+        # Kernels from apex / TE are not assumed; these are plain torch ops.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def layer_spec(model: ModelArgs, attention_backend: str):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from slime.backends.megatron_utils.attention import PackedCoreAttention
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization))
+    attn = spec.submodules.self_attention.submodules
+    attn.core_attention = ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
+    return spec
+
+
+def build_gpt_model(model: ModelArgs, build: ModelBuildArgs):
+    """A GPTModel on the current device (parallel state must be initialized)."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    config = transformer_config(model, build)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, build.attention_backend),
+        vocab_size=model.padded_vocab_size(build.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
+        rope_scaling=model.use_rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+    )
+    if torch.cuda.is_available():
+        gpt = gpt.cuda()
+    return gpt
