@@ -88,6 +88,9 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        # DDP then sums gradients over DP ranks and the schedule takes each micro-batch's loss
+        # as is: the loss weights already hold the global denominators (see batching).
+        calculate_per_token_loss=True,
     )
 
 

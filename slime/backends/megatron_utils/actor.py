@@ -1,0 +1,200 @@
+"""The Megatron training actor of one rank: model, DDP, optimizer and the SFT step.
+
+One code path for CPU (gloo, fp32) and GPU (nccl, bf16, distributed optimizer). It takes
+this rank's samples as plain dicts (``tokens``, ``loss_mask``, ``response_length``), so it
+runs the same under Ray (one actor per rank), torchrun, or a single test process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from slime.backends.megatron_utils.batching import BatchingArgs, MicroBatch, make_micro_batches
+from slime.backends.megatron_utils.loss import LossContext, resolve_loss
+from slime.backends.megatron_utils.model_config import ModelArgs
+from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
+from slime.backends.megatron_utils.optimizer import OptimizerArgs, build_optimizer
+from slime.backends.megatron_utils.parallel import init_parallel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MegatronActor", "TrainArgs"]
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Step-level settings.
+
+    global_batch_size: samples per optimizer step over all DP ranks.
+    total_steps: optimizer steps of the whole run (for the LR schedule).
+    loss_type / custom_loss_function_path: `loss.resolve_loss`.
+    """
+
+    global_batch_size: int
+    total_steps: int
+    seed: int = 1234
+    loss_type: str = "sft_loss"
+    custom_loss_function_path: str | None = None
+
+    def __post_init__(self):
+        if self.global_batch_size < 1:
+            raise ValueError("--global-batch-size must be >= 1")
+        if self.total_steps < 1:
+            raise ValueError("the run needs at least one optimizer step")
+
+
+class MegatronActor:
+    """One rank of the trainer. ``train_step(samples)`` = one optimizer step on this rank's share."""
+
+    def __init__(self, model: ModelArgs, build: ModelBuildArgs, batching: BatchingArgs, optim: OptimizerArgs, train: TrainArgs):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+        self.model_args, self.build_args, self.batching, self.train_args = model, build, batching, train
+        self.loss_fn = resolve_loss(train.loss_type, train.custom_loss_function_path)
+        self.info = init_parallel(build.tensor_model_parallel_size, seed=train.seed)
+        if train.global_batch_size % self.info.dp_size:
+            raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")
+        cuda = torch.cuda.is_available()
+        if build.bf16 and not cuda:
+            raise ValueError("--bf16 needs CUDA; CPU runs train in fp32")
+        module = build_gpt_model(model, build)
+        config = module.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cuda,
+        )
+        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+        config.no_sync_func = self.model.no_sync
+        config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None)
+        self.optimizer, self.scheduler = build_optimizer(self.model, optim, train.total_steps, build.bf16, distributed=cuda)
+        padded = model.padded_vocab_size(build.tensor_model_parallel_size)
+        self.loss_ctx = LossContext(
+            vocab_size=model.vocab_size, vocab_start=self.info.tp_rank * padded // self.info.tp_size
+        )
+        self.step = 0
+
+    # ----------------------------------------------------------------- weights
+    def load_hf(self, hf_dir: str) -> None:
+        """Initial weights from a HF checkpoint, converted in memory for this TP rank."""
+        from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
+
+        shards = hf_to_mcore(load_hf_state_dict(hf_dir), self.model_args, self.info.tp_rank, self.info.tp_size)
+        self.load_state(shards)
+
+    def load_state(self, shards: dict[str, torch.Tensor]) -> None:
+        module = self.model.module
+        own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+        missing, unexpected = sorted(set(own) - set(shards)), sorted(set(shards) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in shards.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+        # megatron's optimizer keeps fp32 main params for bf16 models: refresh them too.
+        reload = getattr(self.optimizer, "reload_model_params", None)
+        if reload is not None:
+            reload()
+
+    def megatron_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")}
+
+    # ----------------------------------------------------------------- training
+    def _global_counts(self, samples: list[dict]) -> tuple[int, int]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        local = torch.tensor(
+            [sum(sum(s["loss_mask"]) for s in samples), len(samples)], dtype=torch.int64, device=self.info.device
+        )
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        return int(local[0]), int(local[1])
+
+    def _forward_step(self, data_iterator, model):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        mb: MicroBatch = next(data_iterator)
+        psp = None
+        if mb.cu_seqlens is not None:
+            psp = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=mb.cu_seqlens,
+                cu_seqlens_kv=mb.cu_seqlens,
+                max_seqlen_q=mb.max_seqlen,
+                max_seqlen_kv=mb.max_seqlen,
+            )
+        logits = model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp)
+        return logits, partial(self._loss, mb)
+
+    def _loss(self, mb: MicroBatch, logits):
+        loss, metrics = self.loss_fn(logits, mb, self.loss_ctx)
+        n = torch.tensor(mb.supervised_tokens, dtype=torch.int, device=loss.device)
+        return loss, n, metrics
+
+    def train_step(self, samples: list[dict]) -> dict[str, float]:
+        """One optimizer step on this rank's samples of the global batch; returns global metrics."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        global_sup, global_samples = self._global_counts(samples)
+        mbs = [mb.to(self.info.device) for mb in make_micro_batches(samples, self.batching, global_sup, global_samples)]
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(mbs),
+            model=[self.model],
+            num_microbatches=len(mbs),
+            seq_length=max(mb.tokens.shape[-1] for mb in mbs),
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        local = torch.tensor(
+            [
+                float(sum(d["loss"] for d in losses)) if losses else 0.0,
+                sum(mb.real_tokens for mb in mbs),
+                sum(mb.capacity for mb in mbs),
+            ],
+            dtype=torch.float64,
+            device=self.info.device,
+        )
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        elapsed = time.perf_counter() - start
+        return {
+            "step": self.step,
+            "loss": float(local[0]),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "supervised_tokens": global_sup,
+            "total_tokens": int(local[1]),
+            "tokens_per_s": float(local[1]) / elapsed,
+            "packing_efficiency": float(local[1] / local[2]) if local[2] else 1.0,
+            "step_time_s": elapsed,
+            "micro_batches": len(mbs),
+            "update_successful": bool(update_ok),
+        }
+
+    @torch.no_grad()
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """Full-vocabulary logits of one sequence (gathered over TP), for parity checks."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        self.model.eval()
+        ids = torch.tensor(tokens, device=self.info.device)[None]
+        out = self.model(ids, torch.arange(len(tokens), device=self.info.device)[None], attention_mask=None)
+        out = gather_from_tensor_model_parallel_region(out)
+        return out[0, :, : self.model_args.vocab_size].float().cpu()

@@ -1,0 +1,188 @@
+"""From SFT samples to micro-batches: packing, dynamic batch size, per-token loss weights.
+
+A sample arrives as ``tokens`` + ``loss_mask`` over its last ``response_length`` tokens
+(slime's `Sample` convention). Position t predicts token t+1, so its label is ``tokens[t+1]``
+and its weight comes from the mask of token t+1; the last position of each sample predicts
+nothing (weight 0), which is also what keeps packed samples from training across boundaries.
+
+Both loss normalizations of invariant 1 are a weighted sum of token cross-entropies with
+weights fixed here, before the step, from global counts:
+
+* per token (``--calculate-per-token-loss``): w = 1 / (supervised tokens in the global batch);
+* per sample: w = 1 / (supervised tokens of the sample * samples in the global batch).
+
+So the loss is the same whatever the micro-batching, packing, DP or TP layout, and gradients
+are summed (never averaged) across micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BatchingArgs", "MicroBatch", "make_micro_batches", "partition_dynamic", "partition_fixed", "token_weights"]
+
+
+@dataclass(frozen=True)
+class BatchingArgs:
+    """How one DP rank's samples become micro-batches.
+
+    use_dynamic_batch_size / max_tokens_per_gpu: pack up to N tokens per micro-batch (a longer
+    sample goes alone); otherwise ``micro_batch_size`` samples each.
+    qkv_format: ``thd`` packs samples into one row with cu_seqlens; ``sbhd`` pads a
+    [batch, seq] micro-batch (the unpacked reference).
+    calculate_per_token_loss: per-token normalization (else per-sample means).
+    """
+
+    micro_batch_size: int = 1
+    use_dynamic_batch_size: bool = False
+    max_tokens_per_gpu: int | None = None
+    qkv_format: str = "thd"
+    calculate_per_token_loss: bool = False
+
+    def __post_init__(self):
+        if self.use_dynamic_batch_size and not self.max_tokens_per_gpu:
+            raise ValueError("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+        if self.micro_batch_size < 1:
+            raise ValueError("--micro-batch-size must be >= 1")
+        if self.qkv_format not in ("thd", "sbhd"):
+            raise ValueError(f"--qkv-format must be thd or sbhd, got {self.qkv_format!r}")
+        if self.use_dynamic_batch_size and self.qkv_format != "thd":
+            raise ValueError("--use-dynamic-batch-size packs sequences: it needs --qkv-format thd")
+
+
+@dataclass
+class MicroBatch:
+    """Tensors of one forward pass (all on CPU until `to`)."""
+
+    tokens: torch.Tensor  # [1, T] (thd) or [b, s] (sbhd)
+    position_ids: torch.Tensor  # same shape; restarts at 0 per sample
+    labels: torch.Tensor  # same shape; next token (0 where weight is 0)
+    weights: torch.Tensor  # same shape, float64 -> cast in the loss; 0 on unsupervised positions
+    cu_seqlens: torch.Tensor | None  # [n + 1] int32 for thd, None for sbhd
+    max_seqlen: int
+    num_samples: int
+    real_tokens: int
+    capacity: int  # token slots this micro-batch occupies (packing efficiency = real / capacity)
+    supervised_tokens: int
+
+    def to(self, device) -> "MicroBatch":
+        for name in ("tokens", "position_ids", "labels", "weights", "cu_seqlens"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device, non_blocking=True))
+        return self
+
+
+def _full_mask(sample: dict) -> list[int]:
+    tokens, mask, resp = sample["tokens"], sample["loss_mask"], sample["response_length"]
+    if len(mask) != resp or resp > len(tokens):
+        raise ValueError(f"sample has {len(tokens)} tokens, response_length {resp}, loss_mask of {len(mask)}")
+    return [0] * (len(tokens) - resp) + list(mask)
+
+
+def token_weights(samples: list[dict], per_token: bool, global_supervised: int, global_samples: int) -> list[torch.Tensor]:
+    """Per-position loss weights (float64) for each sample; see the module docstring."""
+    out = []
+    for s in samples:
+        mask = torch.tensor(_full_mask(s)[1:] + [0], dtype=torch.float64)
+        n = float(mask.sum())
+        if per_token:
+            w = mask / max(global_supervised, 1)
+        else:
+            w = mask / (n * global_samples) if n else mask
+        out.append(w)
+    return out
+
+
+def partition_dynamic(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy in order: start a new micro-batch when the next sample would exceed max_tokens."""
+    groups: list[list[int]] = []
+    current, used = [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def partition_fixed(n: int, micro_batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
+
+
+def _pack(samples: list[dict], weights: list[torch.Tensor], capacity: int) -> MicroBatch:
+    toks, pos, labels, ws, cu = [], [], [], [], [0]
+    for s, w in zip(samples, weights):
+        t = torch.tensor(s["tokens"], dtype=torch.long)
+        toks.append(t)
+        pos.append(torch.arange(len(t)))
+        labels.append(torch.cat([t[1:], t.new_zeros(1)]))
+        ws.append(w)
+        cu.append(cu[-1] + len(t))
+    lengths = [len(t) for t in toks]
+    return MicroBatch(
+        tokens=torch.cat(toks)[None],
+        position_ids=torch.cat(pos)[None],
+        labels=torch.cat(labels)[None],
+        weights=torch.cat(ws)[None],
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen=max(lengths),
+        num_samples=len(samples),
+        real_tokens=cu[-1],
+        capacity=max(capacity, cu[-1]),
+        supervised_tokens=int(sum(int((w > 0).sum()) for w in ws)),
+    )
+
+
+def _pad(samples: list[dict], weights: list[torch.Tensor]) -> MicroBatch:
+    s_max = max(len(s["tokens"]) for s in samples)
+    b = len(samples)
+    tokens = torch.zeros(b, s_max, dtype=torch.long)
+    labels = torch.zeros(b, s_max, dtype=torch.long)
+    ws = torch.zeros(b, s_max, dtype=torch.float64)
+    for i, (s, w) in enumerate(zip(samples, weights)):
+        t = torch.tensor(s["tokens"], dtype=torch.long)
+        tokens[i, : len(t)] = t
+        labels[i, : len(t) - 1] = t[1:]
+        ws[i, : len(t)] = w
+    real = sum(len(s["tokens"]) for s in samples)
+    return MicroBatch(
+        tokens=tokens,
+        position_ids=torch.arange(s_max).expand(b, s_max).contiguous(),
+        labels=labels,
+        weights=ws,
+        cu_seqlens=None,
+        max_seqlen=s_max,
+        num_samples=b,
+        real_tokens=real,
+        capacity=b * s_max,
+        supervised_tokens=int((ws > 0).sum()),
+    )
+
+
+def make_micro_batches(
+    samples: list[dict], args: BatchingArgs, global_supervised: int, global_samples: int
+) -> list[MicroBatch]:
+    """This rank's micro-batches for one optimizer step."""
+    if not samples:
+        return []
+    weights = token_weights(samples, args.calculate_per_token_loss, global_supervised, global_samples)
+    lengths = [len(s["tokens"]) for s in samples]
+    if args.use_dynamic_batch_size:
+        groups = partition_dynamic(lengths, args.max_tokens_per_gpu)
+    else:
+        groups = partition_fixed(len(samples), args.micro_batch_size)
+    out = []
+    for g in groups:
+        chosen, w = [samples[i] for i in g], [weights[i] for i in g]
+        if args.qkv_format == "thd":
+            cap = args.max_tokens_per_gpu if args.use_dynamic_batch_size else sum(lengths[i] for i in g)
+            out.append(_pack(chosen, w, cap))
+        else:
+            out.append(_pad(chosen, w))
+    return out
