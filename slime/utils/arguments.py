@@ -83,6 +83,10 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         default=DEFAULT_ROLLOUT_FUNCTION,
         help="generate_rollout(args, rollout_id, data_buffer, evaluation=False) -> list[Sample]",
     )
+    # Sampling flags of the RL path. SFT generates nothing: they never touch the SFT loss.
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="RL sampling only; ignored by SFT")
+    g.add_argument("--rollout-top-p", type=float, default=1.0, help="RL sampling only; ignored by SFT")
+    g.add_argument("--rollout-top-k", type=int, default=-1, help="RL sampling only; ignored by SFT")
     return parser
 
 
@@ -90,6 +94,10 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     add_data_arguments(parser)
     add_rollout_arguments(parser)
+    # Light module (argparse only): the CLI stays fast to import.
+    from slime.backends.megatron_utils.arguments import add_megatron_arguments
+
+    add_megatron_arguments(parser)
     if add_custom_arguments is not None:
         add_custom_arguments(parser)
     return parser

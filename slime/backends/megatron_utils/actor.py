@@ -138,15 +138,14 @@ class MegatronActor:
         n = torch.tensor(mb.supervised_tokens, dtype=torch.int, device=loss.device)
         return loss, n, metrics
 
-    def train_step(self, samples: list[dict]) -> dict[str, float]:
-        """One optimizer step on this rank's samples of the global batch; returns global metrics."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
+    def _forward_backward(self, samples: list[dict]):
+        """Forward and backward over this rank's micro-batches; grads end up DP-summed."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        start = time.perf_counter()
         global_sup, global_samples = self._global_counts(samples)
         mbs = [mb.to(self.info.device) for mb in make_micro_batches(samples, self.batching, global_sup, global_samples)]
+        if not mbs:
+            raise ValueError(f"rank {self.info.rank} got no samples for this step")
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -159,30 +158,43 @@ class MegatronActor:
             micro_batch_size=1,
             forward_only=False,
         )
+        return losses, mbs, global_sup
+
+    def gradients(self, samples: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
+        """(global loss, this TP rank's gradients by parameter name) without an optimizer step."""
+        losses, _, _ = self._forward_backward(samples)
+        grads = {name: p.main_grad.detach().float().cpu().clone() for name, p in self.model.module.named_parameters()}
+        return self._dp_sum([float(sum(d["loss"] for d in losses))])[0], grads
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return t.tolist()
+
+    def train_step(self, samples: list[dict]) -> dict[str, float]:
+        """One optimizer step on this rank's samples of the global batch; returns global metrics."""
+        start = time.perf_counter()
+        losses, mbs, global_sup = self._forward_backward(samples)
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
         self.step += 1
-        local = torch.tensor(
-            [
-                float(sum(d["loss"] for d in losses)) if losses else 0.0,
-                sum(mb.real_tokens for mb in mbs),
-                sum(mb.capacity for mb in mbs),
-            ],
-            dtype=torch.float64,
-            device=self.info.device,
+        loss, real, capacity = self._dp_sum(
+            [float(sum(d["loss"] for d in losses)), sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs)]
         )
-        dist.all_reduce(local, group=ps.get_data_parallel_group())
         elapsed = time.perf_counter() - start
         return {
             "step": self.step,
-            "loss": float(local[0]),
+            "loss": loss,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "supervised_tokens": global_sup,
-            "total_tokens": int(local[1]),
-            "tokens_per_s": float(local[1]) / elapsed,
-            "packing_efficiency": float(local[1] / local[2]) if local[2] else 1.0,
+            "total_tokens": int(real),
+            "tokens_per_s": real / elapsed,
+            "packing_efficiency": real / capacity if capacity else 1.0,
             "step_time_s": elapsed,
             "micro_batches": len(mbs),
             "update_successful": bool(update_ok),

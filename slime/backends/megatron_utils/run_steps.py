@@ -1,0 +1,103 @@
+"""Run N SFT steps of the Megatron actor without Ray: one process, or torchrun for several.
+
+    python -m slime.backends.megatron_utils.run_steps --hf-checkpoint slime/assets/tiny-qwen3 \
+        --prompt-data slime/assets/tiny_sft.jsonl --rollout-batch-size 16 --num-steps 10 \
+        --use-dynamic-batch-size --max-tokens-per-gpu 1024 --calculate-per-token-loss --lr 3e-3
+
+    torchrun --nproc-per-node 2 -m slime.backends.megatron_utils.run_steps ... --tensor-model-parallel-size 2
+
+Every rank builds the same data source (same order), takes the global batch of each step and
+keeps its DP share (token-balanced). Initial weights come from --hf-checkpoint's safetensors
+(``--no-load-hf`` keeps the random init, e.g. for benchmarks from a config only). Rank 0
+prints one JSON line of metrics per step (and writes them to --metrics-out); --dump-grads
+writes the first step's global loss and HF-layout gradients (``torch.save``; load with
+``weights_only=True``) before any optimizer step, for equality tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def _add_run_arguments(parser):
+    g = parser.add_argument_group("run_steps")
+    g.add_argument("--num-steps", type=int, default=1, help="optimizer steps to run")
+    g.add_argument("--metrics-out", default=None, help="JSONL file for the per-step metrics (rank 0)")
+    g.add_argument("--dump-grads", default=None, help="write the first step's loss and HF-layout grads here")
+    g.add_argument("--no-load-hf", action="store_true", help="keep the random init instead of loading HF weights")
+    return parser
+
+
+def gather_hf_grads(actor, grads: dict) -> dict | None:
+    """HF-named full gradients on rank 0 (TP shards gathered and mapped like weights)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from slime.backends.megatron_utils.hf_weights import mcore_to_hf
+
+    group = ps.get_tensor_model_parallel_group()
+    shards = [None] * actor.info.tp_size
+    dist.all_gather_object(shards, grads, group=group)
+    if actor.info.rank != 0:
+        return None
+    hf = mcore_to_hf(shards, actor.model_args)
+    return {k: v.to(torch.float64) for k, v in hf.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from slime.backends.megatron_utils.actor import MegatronActor
+    from slime.backends.megatron_utils.arguments import actor_config_from_args
+    from slime.data.config import SFTDataConfig, build_data_source
+    from slime.utils.arguments import get_parser
+    from slime.utils.data_split import split_balanced
+
+    parser = _add_run_arguments(get_parser(description=__doc__))
+    args = parser.parse_args(argv)
+    if not args.rollout_batch_size:
+        parser.error("--rollout-batch-size is required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    global_batch = args.global_batch_size or args.rollout_batch_size
+    cfg = actor_config_from_args(args, total_steps=args.num_steps)
+    source = build_data_source(SFTDataConfig.from_args(args), progress=False)
+    actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train)
+    if not args.no_load_hf:
+        actor.load_hf(args.hf_checkpoint)
+    rank0 = actor.info.rank == 0
+    out = open(args.metrics_out, "w") if (args.metrics_out and rank0) else None
+    for step in range(args.num_steps):
+        batch = source.get_samples(global_batch)
+        parts = split_balanced([len(s.tokens) for s in batch], actor.info.dp_size)
+        mine = [
+            {"tokens": batch[i].tokens, "loss_mask": batch[i].loss_mask, "response_length": batch[i].response_length}
+            for i in parts[actor.info.dp_rank]
+        ]
+        if step == 0 and args.dump_grads:
+            loss, grads = actor.gradients(mine)
+            full = gather_hf_grads(actor, grads)
+            if rank0:
+                torch.save({"loss": loss, "grads": full}, args.dump_grads)
+        metrics = actor.train_step(mine)
+        if rank0:
+            line = json.dumps(metrics)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+    if out:
+        out.close()
+    from slime.backends.megatron_utils.parallel import destroy_parallel
+
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
