@@ -22,6 +22,7 @@ inside assistant text), and any template where the markers cannot be learned rai
 from __future__ import annotations
 
 import bisect
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,15 @@ class ChatTemplate:
             **self.template_kwargs,
         )
 
+    def _render_row(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
+        """`render` for data rows: a template failure is a problem of this row (skippable)."""
+        if not messages:
+            raise RowFieldError("messages", "an assistant turn needs at least one message before it")
+        try:
+            return self.render(messages, tools, add_generation_prompt)
+        except Exception as e:  # jinja's TemplateError / raise_exception, IndexError, ...
+            raise RowFieldError("messages", f"the chat template failed on this row: {type(e).__name__}: {e}") from None
+
     def _learn_markers(self) -> TurnMarkers:
         answer = {"role": "assistant", "content": _PROBE_ANSWER}
         try:
@@ -146,7 +156,25 @@ class ChatTemplate:
         hist_at = hist.find(_PROBE_ANSWER)
         if hist_at < 0 or not hist[hist_at + len(_PROBE_ANSWER) :].startswith(end):
             raise TemplateError(f"assistant turns in history do not end with {end!r} like the last turn does")
-        return TurnMarkers(header=header, prompt_rest=gen_prompt[len(header) :], end=end)
+        markers = TurnMarkers(header=header, prompt_rest=gen_prompt[len(header) :], end=end)
+        self._check_tool_call_turns(ctx, last[last.find(end, at) + len(end) :], markers)
+        return markers
+
+    def _check_tool_call_turns(self, ctx: str, glue: str, m: TurnMarkers) -> None:
+        """A turn that calls a tool must end like a plain one (some templates use another token)."""
+        call = {"type": "function", "function": {"name": "probe_fn", "arguments": {"x": 1}}}
+        answer = {"role": "assistant", "content": "", "tool_calls": [call]}
+        try:
+            text = self.render([_PROBE_USER, answer])
+        except Exception:
+            return  # the template does not take tool calls; rows with them will fail as row errors
+        if "probe_fn" not in text:
+            return
+        if not text.startswith(ctx + m.header) or not text.endswith(m.end + glue):
+            raise TemplateError(
+                f"assistant turns with tool calls do not end with {m.end!r} like plain turns; "
+                "their generated span cannot be derived from this template"
+            )
 
     def _end_of_turn(self, tail: str) -> str:
         """The generated part of what follows assistant content: up to its last special token."""
@@ -167,12 +195,18 @@ class ChatTemplate:
 
     # ------------------------------------------------------------------ spans
     def _check_assistant_text(self, messages: list[dict]) -> None:
+        """No generated text may contain a turn marker: the span would end inside it."""
         m = self.markers
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            for key in ("content", "reasoning_content"):
-                text = msg.get(key)
+            fields = [("content", msg.get("content")), ("reasoning_content", msg.get("reasoning_content"))]
+            for j, call in enumerate(msg.get("tool_calls") or []):
+                fn = call.get("function", {})
+                args = fn.get("arguments")
+                fields.append((f"tool_calls[{j}].function.name", fn.get("name")))
+                fields.append((f"tool_calls[{j}].function.arguments", args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+            for key, text in fields:
                 if isinstance(text, str) and (m.end in text or m.header in text):
                     raise RowFieldError(
                         f"messages[{i}].{key}",
@@ -194,13 +228,22 @@ class ChatTemplate:
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            start = text.index(m.header, pos) + len(m.header)
+            start = text.find(m.header, pos)
+            if start < 0:
+                raise RowFieldError(f"messages[{i}]", "the template did not render this assistant turn where expected")
+            start += len(m.header)
             if m.prompt_rest and text.startswith(m.prompt_rest, start):
                 start += len(m.prompt_rest)
             end = text.find(m.end, start)
             if end < 0:
                 raise RowFieldError(f"messages[{i}]", f"the rendered assistant turn has no end marker {m.end!r}")
             end += len(m.end)
+            if m.header in text[start:end]:
+                # The turn ended with something other than the learned end marker, so the
+                # span ran into the next turn: refuse rather than supervise context.
+                raise RowFieldError(
+                    f"messages[{i}]", f"this assistant turn does not end with {m.end!r} in the rendered text"
+                )
             spans.append((i, start, end))
             pos = end
         return spans
@@ -239,7 +282,7 @@ class ChatTemplate:
         self._check_assistant_text(messages)
         if policy == "per-turn":
             return [self.encode_turn(messages, i, tools, max_length) for i in range(len(messages)) if train[i]]
-        text = self.render(messages, tools)
+        text = self._render_row(messages, tools)
         spans = self.assistant_spans(text, messages)
         if policy == "keep-reasoning":
             text, spans = self._splice_as_last(text, spans, messages)
@@ -248,13 +291,15 @@ class ChatTemplate:
 
     def encode_turn(self, messages: list[dict], i: int, tools: list | None, max_length: int | None) -> Encoded:
         head = messages[: i + 1]
-        text = self.render(head, tools)
+        context = self._render_row(messages[:i], tools, add_generation_prompt=True)
+        text = self._render_row(head, tools)
         _, start, end = self.assistant_spans(text, head)[-1]
-        context = self.render(messages[:i], tools, add_generation_prompt=True)
         if text[:start] != context:
-            raise TemplateError(
-                f"per-turn policy: the inference prompt for turn {i} is not a prefix of the rendered turn, "
-                "so the exact inference-time context cannot be reproduced with this template"
+            raise RowFieldError(
+                f"messages[{i}]",
+                "per-turn policy: the inference prompt of this turn is not a prefix of the rendered turn "
+                "(e.g. consecutive assistant messages, or reasoning with enable_thinking off), so its exact "
+                "inference-time context cannot be reproduced",
             )
         return self._tokenize(text, [(start, end)], i, max_length)
 
@@ -266,9 +311,12 @@ class ChatTemplate:
         """
         if not messages:
             return []
-        texts = self.tokenizer.apply_chat_template(
-            [[_PROBE_USER, m] for m in messages], tokenize=False, **self.template_kwargs
-        )
+        try:
+            texts = self.tokenizer.apply_chat_template(
+                [[_PROBE_USER, m] for m in messages], tokenize=False, **self.template_kwargs
+            )
+        except Exception as e:
+            raise RowFieldError("messages", f"the chat template failed on this row: {type(e).__name__}: {e}") from None
         out = []
         for message, text in zip(messages, texts):
             if not text.startswith(self._probe_prefix):

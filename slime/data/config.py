@@ -47,6 +47,10 @@ class SFTDataConfig:
             raise ValueError(f"--multi-turn-policy must be one of {POLICIES}, got {self.policy!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"--rollout-max-context-len must be >= 2, got {self.max_length}")
+        reserved = {"tools", "add_generation_prompt", "tokenize", "conversation", "messages", "continue_final_message"}
+        clash = sorted(reserved & set(self.chat_template_kwargs))
+        if clash:
+            raise ValueError(f"--apply-chat-template-kwargs may not set {clash}: slime passes those itself")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SFTDataConfig":

@@ -211,7 +211,7 @@ def _responses_items_to_messages(items: list, field: str) -> list[dict]:
             if msg["content"] or msg.get("tool_calls"):  # reasoning after output starts a new reply
                 pending = None
                 msg = assistant()
-            msg["reasoning_content"] = (msg.get("reasoning_content", "") + "\n" + text).strip("\n")
+            msg["reasoning_content"] = msg["reasoning_content"] + "\n" + text if msg.get("reasoning_content") else text
         elif kind == "function_call":
             msg = assistant()
             call = _tool_call(item.get("name"), item.get("arguments"), where, item.get("call_id"))
@@ -235,8 +235,8 @@ def nemo_gym_row(row: dict, min_reward: float = 0.8) -> dict | None:
     ``response.output``. Tools come from ``responses_create_params.tools``.
     """
     reward = row.get("reward")
-    if not isinstance(reward, (int, float)) or isinstance(reward, bool):
-        raise ConversionError("reward", "missing or not a number")
+    if not isinstance(reward, (int, float)) or isinstance(reward, bool) or reward != reward:
+        raise ConversionError("reward", "missing or not a number (NaN included)")
     if reward < min_reward:
         return None
     params = row.get("responses_create_params")

@@ -3,8 +3,9 @@
 Epoch ``e`` visits every sample once, in ``permutation(seed + e)`` order with
 ``--rollout-shuffle`` (a fresh order each epoch) or in file order without it. A batch that
 runs past the end of an epoch continues into the next one, so every epoch is seen whole.
-`state_dict` is (epoch, offset) plus a fingerprint of the sample set; loading it into a
-source built from the same data and flags continues with exactly the next sample.
+`state_dict` is (epoch, offset) plus a fingerprint of the sample set (a hash of every
+sample's token ids and mask); loading it into a source built from the same data and flags
+continues with exactly the next sample, and changed data or flags are refused.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class SFTDataSource:
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("seed", "shuffle", "num_samples", "fingerprint"):
+            if key not in state:
+                raise ValueError(f"cannot resume the data source: the saved state has no {key!r} (not a data source state?)")
             if state[key] != mine[key]:
                 raise ValueError(
                     f"cannot resume the data source: saved {key}={state[key]!r} but this run has {mine[key]!r} "

@@ -58,13 +58,15 @@ class SFTEncoder:
     def to_sample(self, conv: Conversation, enc: Encoded, index: int, row_index: int) -> Sample:
         """slime's convention: ``loss_mask`` covers the last ``response_length`` tokens."""
         first = enc.loss_mask.index(1)
+        # Per-turn samples cover the conversation up to their turn only.
+        prompt = conv.messages if enc.turn is None else conv.messages[: enc.turn + 1]
         metadata = dict(conv.metadata)
         metadata.update(row_index=row_index, turn_index=enc.turn)
         if conv.tools:
             metadata["tools"] = conv.tools
         return Sample(
             index=index,
-            prompt=conv.messages,
+            prompt=prompt,
             tokens=enc.token_ids,
             response_length=len(enc.token_ids) - first,
             loss_mask=enc.loss_mask[first:],
@@ -131,6 +133,7 @@ class PreparedData:
     lengths: np.ndarray
     supervised: np.ndarray
     report: DataReport
+    content_hash: str = ""  # over every sample's token ids and mask, in order
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -146,7 +149,7 @@ class PreparedData:
         """Identifies the sample set, so a resumed run can refuse changed data."""
         import hashlib
 
-        h = hashlib.sha256()
+        h = hashlib.sha256(self.content_hash.encode())
         for arr in (self.rows, self.turns, self.lengths):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
@@ -165,7 +168,10 @@ def prepare(
 ) -> PreparedData:
     """Validate and measure every row of ``source``; raise or skip (and count) bad ones."""
     report = DataReport(path=source.path, policy=encoder.policy, max_length=encoder.max_length)
+    import hashlib
+
     rows, turns, lengths, supervised = [], [], [], []
+    digest = hashlib.blake2b(digest_size=16)
     iterator = range(len(source))
     if progress:
         from tqdm import tqdm
@@ -201,6 +207,8 @@ def prepare(
                         f"truncation to --rollout-max-context-len {encoder.max_length}"
                     )
                 continue
+            digest.update(np.asarray(enc.token_ids, dtype=np.int32).tobytes())
+            digest.update(np.asarray(enc.loss_mask, dtype=np.int8).tobytes())
             rows.append(i)
             turns.append(-1 if enc.turn is None or encoder.policy != "per-turn" else enc.turn)
             lengths.append(len(enc.token_ids))
@@ -230,4 +238,5 @@ def prepare(
         lengths=report.lengths,
         supervised=np.asarray(supervised, dtype=np.int64),
         report=report,
+        content_hash=digest.hexdigest(),
     )

@@ -2,8 +2,9 @@
 
 * ``.parquet`` and ``datasets.save_to_disk`` directories: a memory-mapped Arrow dataset
   (HF ``datasets``). Arrow cannot tell a missing key from a null one and fills absent struct
-  fields with nulls, so null values are dropped from rows read this way (keep tool-call
-  arguments as JSON strings if a null inside them matters).
+  fields with nulls, so null values are dropped from rows read this way; it also orders
+  object keys by the column schema, which changes ``tojson`` renders of tools and dict
+  arguments. Keep tools and tool-call arguments as JSON strings there to render them as written.
 * ``.jsonl``: an index of line byte offsets (8 bytes a row) and ``json.loads`` on access.
   We do not route JSONL through Arrow because its schema inference rejects or rewrites rows
   whose nested objects differ in shape (tool arguments, tool schemas), which real chat data does.
@@ -84,7 +85,7 @@ class JsonlRows:
 class JsonListRows:
     def __init__(self, path: str):
         self.path = path
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:

@@ -99,6 +99,8 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
         cf = f"{where}[{j}]"
         if not isinstance(call, dict):
             raise RowFieldError(cf, "must be an object")
+        if call.get("type", "function") != "function":
+            raise RowFieldError(f"{cf}.type", f"only function tool calls are supported, got {call.get('type')!r}")
         fn = call.get("function", call)
         if not isinstance(fn, dict):
             raise RowFieldError(f"{cf}.function", "must be an object with 'name' and 'arguments'")
@@ -148,13 +150,16 @@ def normalize_messages(raw: Any, field_name: str = "messages") -> tuple[list[dic
         text, reasoning_parts = _content(msg, where)
         out: dict[str, Any] = {"role": role, "content": text}
         if role == "assistant":
-            reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+            given = {k: msg[k] for k in ("reasoning_content", "reasoning") if msg.get(k) is not None}
+            if len(given) == 2 and given["reasoning_content"] != given["reasoning"]:
+                raise RowFieldError(where, "has both reasoning_content and reasoning, with different text")
+            reasoning = next(iter(given.values()), None)
             if reasoning is not None and not isinstance(reasoning, str):
-                raise RowFieldError(f"{where}.reasoning_content", "must be a string")
+                raise RowFieldError(f"{where}.{next(iter(given))}", "must be a string")
             if reasoning_parts:
                 if reasoning:
                     raise RowFieldError(where, "has both reasoning parts and reasoning_content")
-                reasoning = "".join(reasoning_parts)
+                reasoning = "\n".join(reasoning_parts)
             if reasoning:
                 out["reasoning_content"] = reasoning
             if msg.get("tool_calls"):
@@ -183,11 +188,18 @@ def normalize_tools(raw: Any, field_name: str) -> list[dict] | None:
     for j, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise RowFieldError(f"{field_name}[{j}]", "must be an object")
-        spec = tool.get("function", tool) if tool.get("type", "function") == "function" else None
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        if tool.get("type", "function") != "function":
+            raise RowFieldError(f"{field_name}[{j}].type", f"only function tools are supported, got {tool.get('type')!r}")
+        if isinstance(tool.get("function"), dict):
+            spec = tool["function"]
+        else:
+            # Bare specs (glaive, older dumps) and Responses-API flat tools {"type", "name", ...}
+            # become the OpenAI chat shape that templates expect.
+            spec = {k: v for k, v in tool.items() if k != "type"}
+            tool = {"type": "function", "function": spec}
+        if not isinstance(spec.get("name"), str):
             raise RowFieldError(f"{field_name}[{j}]", "must be a function tool with a string 'name'")
-        # Bare function specs (glaive, older dumps) become the OpenAI tool shape templates expect.
-        out.append(tool if "function" in tool else {"type": "function", "function": tool})
+        out.append(tool)
     return out or None
 
 
