@@ -27,6 +27,7 @@ setup(
         "tensorboard>=2.18",
         "tqdm>=4.66",
         "rich>=13",
+        "psutil>=5.9",  # megatron-core dist_checkpointing needs it to save
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

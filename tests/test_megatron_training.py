@@ -195,3 +195,57 @@ def test_dp2_and_tp2_match_single_process(tmp_path, per_token):
         assert metrics and metrics[0]["loss"] == pytest.approx(ref_loss, rel=1e-5)
         for k, g in dump["grads"].items():
             torch.testing.assert_close(g, ref_grads[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
+
+
+def test_torch_dist_round_trip_and_tp2_load(tmp_path):
+    """HF -> torch_dist -> HF is bit-exact, and the TP=1 conversion trains identically at TP=2."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    dist_dir, hf_out = tmp_path / "dist", tmp_path / "hf"
+    for cmd in (
+        ["tools/convert_hf_to_torch_dist.py", "--hf-checkpoint", str(TINY), "--save", str(dist_dir)],
+        ["tools/convert_torch_dist_to_hf.py", "--input-dir", str(dist_dir), "--output-dir", str(hf_out), "--origin-hf-dir", str(TINY)],
+    ):
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=MP_TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(hf_out / "model.safetensors"), load_file(TINY / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(hf_out))  # loads as a HF model
+    dump, _ = run_steps(tmp_path, "tp2_ref_load", "--ref-load", str(dist_dir), "--tensor-model-parallel-size", "2", "--calculate-per-token-loss", nproc=2)
+    ref_loss, ref_grads = reference(samples_from_data(), per_token=True)
+    assert dump["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    for k, g in dump["grads"].items():
+        torch.testing.assert_close(g, ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    from slime.backends.megatron_utils.checkpoint import checkpoint_dir
+
+    with pytest.raises(FileNotFoundError, match="not a torch_dist checkpoint"):
+        checkpoint_dir(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7")
+    with pytest.raises(FileNotFoundError, match="iter_0000007"):
+        checkpoint_dir(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("x")
+    with pytest.raises(ValueError, match="unreadable iteration"):
+        checkpoint_dir(str(tmp_path))
+
+
+def test_torch_dist_round_trip_untied_llama(tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_helpers import make_hf_checkpoint
+
+    hf = make_hf_checkpoint("llama", tmp_path / "llama")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for cmd in (
+        ["tools/convert_hf_to_torch_dist.py", "--hf-checkpoint", str(hf), "--save", str(tmp_path / "dist")],
+        ["tools/convert_torch_dist_to_hf.py", "--input-dir", str(tmp_path / "dist"), "--output-dir", str(tmp_path / "out"), "--origin-hf-dir", str(hf)],
+    ):
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=MP_TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(hf / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -87,6 +87,20 @@ class MegatronActor:
         shards = hf_to_mcore(load_hf_state_dict(hf_dir), self.model_args, self.info.tp_rank, self.info.tp_size)
         self.load_state(shards)
 
+    def load_dist(self, path: str) -> str:
+        """Initial weights from a torch_dist checkpoint (any TP size it was saved at)."""
+        from slime.backends.megatron_utils.checkpoint import load_model_weights
+
+        source = load_model_weights(self.model.module, path)
+        self._refresh_main_params()
+        return source
+
+    def _refresh_main_params(self) -> None:
+        # megatron's optimizer keeps fp32 main params for bf16 models: refresh them too.
+        reload = getattr(self.optimizer, "reload_model_params", None)
+        if reload is not None:
+            reload()
+
     def load_state(self, shards: dict[str, torch.Tensor]) -> None:
         module = self.model.module
         own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
@@ -98,10 +112,7 @@ class MegatronActor:
                 if own[name].shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(own[name].shape)}")
                 own[name].copy_(tensor)
-        # megatron's optimizer keeps fp32 main params for bf16 models: refresh them too.
-        reload = getattr(self.optimizer, "reload_model_params", None)
-        if reload is not None:
-            reload()
+        self._refresh_main_params()
 
     def megatron_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")}

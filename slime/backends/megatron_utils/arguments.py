@@ -52,6 +52,9 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+    c = parser.add_argument_group("checkpoints")
+    c.add_argument("--load", default=None, help="torch_dist checkpoint to resume from")
+    c.add_argument("--ref-load", default=None, help="torch_dist checkpoint of the initial weights (when --load has none)")
     return parser
 
 

@@ -5,7 +5,7 @@ megatron-core assumes CUDA in a few spots that do no CUDA work of their own: it 
 ``device="cuda"``, and keeps per-parallel-rank RNG states through ``torch.cuda`` RNG calls.
 `enable_cpu_mode` redirects exactly those to the CPU for the life of the process:
 
-* ``torch.cuda.current_device`` -> ``torch.device("cpu")``;
+* ``torch.cuda.current_device`` -> ``torch.device("cpu")``; ``synchronize`` / ``empty_cache`` -> no-ops;
 * ``torch.cuda.manual_seed`` / ``get_rng_state`` and megatron's ``_set_cuda_rng_state`` -> the CPU
   generator (so megatron's RNG tracker, used by dropout under TP, works unchanged);
 * a ``TorchFunctionMode`` that rewrites ``device="cuda"`` in tensor factories and makes
@@ -70,8 +70,11 @@ def enable_cpu_mode() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     _STATE["cuda"] = {
-        name: getattr(torch.cuda, name) for name in ("current_device", "manual_seed", "manual_seed_all", "get_rng_state")
+        name: getattr(torch.cuda, name)
+        for name in ("current_device", "manual_seed", "manual_seed_all", "get_rng_state", "synchronize", "empty_cache")
     }
+    torch.cuda.synchronize = lambda device=None: None  # CPU ops are synchronous (dist checkpoint save calls it)
+    torch.cuda.empty_cache = lambda: None
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
     torch.cuda.manual_seed_all = lambda seed: None

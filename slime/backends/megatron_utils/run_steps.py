@@ -7,8 +7,9 @@
     torchrun --nproc-per-node 2 -m slime.backends.megatron_utils.run_steps ... --tensor-model-parallel-size 2
 
 Every rank builds the same data source (same order), takes the global batch of each step and
-keeps its DP share (token-balanced). Initial weights come from --hf-checkpoint's safetensors
-(``--no-load-hf`` keeps the random init, e.g. for benchmarks from a config only). Rank 0
+keeps its DP share (token-balanced). Initial weights come from --load / --ref-load (torch_dist)
+or else --hf-checkpoint's safetensors (``--no-load-hf`` keeps the random init, e.g. for
+benchmarks from a config only). Rank 0
 prints one JSON line of metrics per step (and writes them to --metrics-out); --dump-grads
 writes the first step's global loss and HF-layout gradients (``torch.save``; load with
 ``weights_only=True``) before any optimizer step, for equality tests.
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = actor_config_from_args(args, total_steps=args.num_steps)
     source = build_data_source(SFTDataConfig.from_args(args), progress=False)
     actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train)
-    if not args.no_load_hf:
+    initial = args.load or args.ref_load
+    if initial:
+        actor.load_dist(initial)
+    elif not args.no_load_hf:
         actor.load_hf(args.hf_checkpoint)
     rank0 = actor.info.rank == 0
     out = open(args.metrics_out, "w") if (args.metrics_out and rank0) else None

@@ -1,0 +1,48 @@
+"""Convert a HF checkpoint (Qwen3, Qwen2/2.5, Llama-3) to a megatron-core torch_dist checkpoint.
+
+    python tools/convert_hf_to_torch_dist.py --hf-checkpoint /path/Qwen3-4B --save /path/Qwen3-4B_torch_dist
+
+Model flags are optional: they are derived from the HF config.json (given ones are checked
+against it). The result loads at any tensor-parallel size with --ref-load / --load.
+Runs in one process (CPU is fine); torchrun with --tensor-model-parallel-size N shards the
+conversion for models too large for one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from slime.backends.megatron_utils.model_config import add_model_arguments
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-checkpoint", required=True)
+    p.add_argument("--save", required=True, help="output directory")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    add_model_arguments(p)
+    args = p.parse_args(argv)
+
+    from slime.backends.megatron_utils.checkpoint import save_model_weights
+    from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
+    from slime.backends.megatron_utils.model_config import resolve_model_args
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
+    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
+
+    model_args = resolve_model_args(args)
+    info = init_parallel(args.tensor_model_parallel_size)
+    model = build_gpt_model(model_args, ModelBuildArgs(tensor_model_parallel_size=args.tensor_model_parallel_size))
+    shards = hf_to_mcore(load_hf_state_dict(args.hf_checkpoint), model_args, info.tp_rank, info.tp_size)
+    missing, unexpected = model.load_state_dict(shards, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
+        raise SystemExit(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    target = save_model_weights(model, args.save, iteration=0)
+    if info.rank == 0:
+        print(f"saved torch_dist checkpoint of {args.hf_checkpoint} to {target}")
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
