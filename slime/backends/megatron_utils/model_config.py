@@ -139,6 +139,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--use-rope-scaling", action="store_true", default=None)
     g.add_argument("--position-embedding-type", choices=("rope",), default="rope")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true", help="accepted for slime scripts; RoPE is the only choice")
     return parser
 
 

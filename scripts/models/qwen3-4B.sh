@@ -1,0 +1,19 @@
+# qwen3-4B: Megatron-LM architecture flags (checked against the HF config.json by tests/test_model_scripts.py).
+MODEL_ARGS=(
+   --swiglu
+   --num-layers 36
+   --hidden-size 2560
+   --ffn-hidden-size 9728
+   --num-attention-heads 32
+   --group-query-attention
+   --num-query-groups 8
+   --kv-channels 128
+   --use-rotary-position-embeddings
+   --normalization "RMSNorm"
+   --norm-epsilon 1e-6
+   --rotary-base "${MODEL_ARGS_ROTARY_BASE:-1000000}"
+   --vocab-size 151936
+   --max-position-embeddings 40960
+   --disable-bias-linear
+   --qk-layernorm
+)
