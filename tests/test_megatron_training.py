@@ -100,6 +100,22 @@ def test_loss_and_grads_match_formula_for_every_layout(actor, per_token):
             torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
 
 
+def test_full_recompute_gives_the_same_gradients(actor):
+    from slime.backends.megatron_utils.actor import MegatronActor
+    from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+
+    build = ModelBuildArgs(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    other = MegatronActor(actor.model_args, build, BatchingArgs(calculate_per_token_loss=True), actor.optim_args, actor.train_args)
+    other.load_hf(str(TINY))
+    samples = samples_from_data()
+    ref_loss, ref_grads = reference(samples, per_token=True)
+    loss, grads = other.gradients(samples)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for k, g in hf_grads(other, grads).items():
+        torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
 def test_modes_differ(actor):
     """Per-token and per-sample are different objectives on unequal samples (the test can fail)."""
     from slime.backends.megatron_utils.batching import BatchingArgs

@@ -55,6 +55,7 @@ class MegatronActor:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         self.model_args, self.build_args, self.batching, self.train_args = model, build, batching, train
+        self.optim_args = optim
         self.loss_fn = resolve_loss(train.loss_type, train.custom_loss_function_path)
         self.info = init_parallel(build.tensor_model_parallel_size, seed=train.seed)
         if train.global_batch_size % self.info.dp_size:

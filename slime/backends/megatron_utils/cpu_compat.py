@@ -6,8 +6,9 @@ megatron-core assumes CUDA in a few spots that do no CUDA work of their own: it 
 `enable_cpu_mode` redirects exactly those to the CPU for the life of the process:
 
 * ``torch.cuda.current_device`` -> ``torch.device("cpu")``; ``synchronize`` / ``empty_cache`` -> no-ops;
-* ``torch.cuda.manual_seed`` / ``get_rng_state`` and megatron's ``_set_cuda_rng_state`` -> the CPU
-  generator (so megatron's RNG tracker, used by dropout under TP, works unchanged);
+* ``torch.cuda.manual_seed`` / ``get_rng_state`` and megatron's ``_get/_set_cuda_rng_state`` -> the
+  CPU generator (so megatron's RNG tracker, used by dropout under TP and by activation
+  recomputation, works unchanged);
 * a ``TorchFunctionMode`` that rewrites ``device="cuda"`` in tensor factories and makes
   ``Tensor.cuda()`` a no-op;
 * megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; the
@@ -79,8 +80,9 @@ def enable_cpu_mode() -> None:
     torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
     torch.cuda.manual_seed_all = lambda seed: None
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    _STATE["set_rng"] = tp_random._set_cuda_rng_state
+    _STATE["rng"] = (tp_random._set_cuda_rng_state, tp_random._get_cuda_rng_state)
     tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    tp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
 
     from megatron.core.optimizer import optimizer as mcore_optimizer
 
@@ -122,6 +124,6 @@ def disable_cpu_mode() -> None:
     _STATE["mode"].__exit__(None, None, None)
     for name, fn in _STATE["cuda"].items():
         setattr(torch.cuda, name, fn)
-    tp_random._set_cuda_rng_state = _STATE["set_rng"]
+    tp_random._set_cuda_rng_state, tp_random._get_cuda_rng_state = _STATE["rng"]
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _STATE["clip"]
     _STATE.clear()
