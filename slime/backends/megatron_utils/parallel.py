@@ -55,13 +55,19 @@ def init_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, timeout
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world == 1:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_PORT" in os.environ:
+            init_method = "env://"
+        elif world == 1:
+            # A lone process: a private loopback rendezvous, leaving os.environ alone so that
+            # child processes (torchrun, converters) do not inherit a port that is taken.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            raise RuntimeError("WORLD_SIZE > 1 needs MASTER_ADDR/MASTER_PORT (use torchrun or the Ray launcher)")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(
             "nccl" if cuda else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
