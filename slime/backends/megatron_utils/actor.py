@@ -63,6 +63,8 @@ class MegatronActor:
         cuda = torch.cuda.is_available()
         if build.bf16 and not cuda:
             raise ValueError("--bf16 needs CUDA; CPU runs train in fp32")
+        if build.attention_backend in ("flex", "varlen") and not cuda:
+            raise ValueError(f"--attention-backend {build.attention_backend} trains on CUDA only; use sdpa on CPU")
         module = build_gpt_model(model, build)
         config = module.config
         ddp_config = DistributedDataParallelConfig(
