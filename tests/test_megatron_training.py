@@ -143,6 +143,21 @@ def test_steps_lower_the_loss_and_report_metrics(actor):
     assert history[0]["lr"] == pytest.approx(3e-3)
 
 
+def test_lr_schedule_warmup_then_cosine(actor):
+    import math
+
+    from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
+    from slime.backends.megatron_utils.optimizer import OptimizerArgs
+
+    optim = OptimizerArgs(lr=1e-3, min_lr=1e-4, lr_decay_style="cosine", lr_warmup_iters=2, weight_decay=0.0)
+    other = MegatronActor(actor.model_args, actor.build_args, actor.batching, optim, TrainArgs(global_batch_size=N_SAMPLES, total_steps=6))
+    samples = samples_from_data()[:2]
+    lrs = [other.train_step(samples)["lr"] for _ in range(6)]
+    # Megatron's schedule: linear warmup from 0 over 2 steps, then cosine from lr to min_lr at step 6.
+    expected = [0.0, 5e-4, 1e-3] + [1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in (3, 4, 5)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
 def test_rl_sampling_flags_do_not_reach_the_loss():
     from slime.backends.megatron_utils.arguments import actor_config_from_args
     from slime.utils.arguments import get_parser

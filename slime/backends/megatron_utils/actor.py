@@ -192,6 +192,7 @@ class MegatronActor:
         """One optimizer step on this rank's samples of the global batch; returns global metrics."""
         start = time.perf_counter()
         losses, mbs, global_sup = self._forward_backward(samples)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
@@ -203,7 +204,7 @@ class MegatronActor:
         return {
             "step": self.step,
             "loss": loss,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "supervised_tokens": global_sup,
             "total_tokens": int(real),
