@@ -90,6 +90,72 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def global_batch_size(args: argparse.Namespace) -> int:
+    """Samples per optimizer step: --global-batch-size, by default the whole rollout."""
+    return args.global_batch_size or args.rollout_batch_size
+
+
+def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("trainer (Ray)")
+    g.add_argument("--actor-num-nodes", type=_positive_int, default=1)
+    g.add_argument("--actor-num-gpus-per-node", type=_positive_int, default=1, help="ranks per node (CPU ranks without GPUs)")
+    g.add_argument("--save", default=None, help="checkpoint directory (model, optimizer, schedule, RNG, data position)")
+    g.add_argument("--save-interval", type=_positive_int, default=None, help="save every N rollouts (and at the end)")
+    g.add_argument("--save-hf", default=None, help="export the final model as a HF checkpoint here")
+    g.add_argument("--eval-prompt-data", nargs="+", default=None, help="NAME PATH [NAME PATH ...] held-out SFT data")
+    g.add_argument("--eval-interval", type=_positive_int, default=None, help="evaluate every N rollouts")
+    g.add_argument("--use-wandb", action="store_true")
+    g.add_argument("--wandb-project", default="slime-sft")
+    g.add_argument("--wandb-group", default=None)
+    g.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default="online")
+    g.add_argument("--wandb-dir", default=None)
+    g.add_argument("--wandb-key", default=None, help="API key (prefer the WANDB_API_KEY environment variable); never logged")
+    g.add_argument("--use-tensorboard", action="store_true")
+    g.add_argument("--tensorboard-dir", default=None, help="default: SAVE/tensorboard")
+    g.add_argument("--debug-train-only", action="store_true", help="start no inference engine (always true for SFT)")
+    g.add_argument("--disable-compute-advantages-and-returns", action="store_true", help="skip RL pre-computation (SFT never runs it)")
+    g.add_argument("--n-samples-per-prompt", type=_positive_int, default=1, help="RL only; must be 1 for SFT")
+    g.add_argument("--colocate", action="store_true", help="RL only; rejected for SFT")
+    g.add_argument("--rollout-num-gpus", type=int, default=None, help="RL only; rejected for SFT")
+    return parser
+
+
+def validate_trainer_args(args: argparse.Namespace) -> None:
+    """Flag combinations checked before anything starts; raises ValueError naming the flags."""
+    import os
+
+    if not args.rollout_batch_size:
+        raise ValueError("--rollout-batch-size is required")
+    gbs = global_batch_size(args)
+    if args.rollout_batch_size % gbs:
+        raise ValueError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --global-batch-size {gbs}")
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    if world % args.tensor_model_parallel_size:
+        raise ValueError(f"{world} ranks are not divisible by --tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    dp = world // args.tensor_model_parallel_size
+    if gbs % dp:
+        raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
+    if args.n_samples_per_prompt != 1:
+        raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
+    if args.colocate or args.rollout_num_gpus:
+        raise ValueError("--colocate/--rollout-num-gpus configure inference engines, which SFT does not start")
+    if args.eval_prompt_data and len(args.eval_prompt_data) % 2:
+        raise ValueError("--eval-prompt-data takes NAME PATH pairs")
+    if args.eval_interval and not args.eval_prompt_data:
+        raise ValueError("--eval-interval needs --eval-prompt-data")
+    if args.save_interval and not args.save:
+        raise ValueError("--save-interval needs --save")
+    if not args.num_rollout and not args.num_epoch:
+        raise ValueError("give --num-epoch or --num-rollout")
+    for flag, path in [("--prompt-data", args.prompt_data), *[("--eval-prompt-data", p) for p in (args.eval_prompt_data or [])[1::2]]]:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{flag}: data file not found: {path}")
+    if not os.path.isdir(args.hf_checkpoint):
+        raise FileNotFoundError(f"--hf-checkpoint: directory not found: {args.hf_checkpoint}")
+    if args.ref_load and not os.path.isdir(args.ref_load):
+        raise FileNotFoundError(f"--ref-load: checkpoint directory not found: {args.ref_load}")
+
+
 def get_parser(add_custom_arguments: Callable | None = None, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     add_data_arguments(parser)
@@ -98,6 +164,7 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
     from slime.backends.megatron_utils.arguments import add_megatron_arguments
 
     add_megatron_arguments(parser)
+    add_trainer_arguments(parser)
     if add_custom_arguments is not None:
         add_custom_arguments(parser)
     return parser

@@ -215,6 +215,56 @@ class MegatronActor:
             "update_successful": bool(update_ok),
         }
 
+    # ----------------------------------------------------------------- checkpoints
+    def save(self, root: str, iteration: int, extra: dict) -> str:
+        from slime.backends.megatron_utils.checkpoint import save_training_state
+
+        return save_training_state(self.model, self.optimizer, self.scheduler, root, iteration, extra)
+
+    def load(self, root: str) -> dict:
+        from slime.backends.megatron_utils.checkpoint import load_training_state
+
+        state = load_training_state(self.model, self.optimizer, self.scheduler, root)
+        self.step = int(state.get("step", 0))
+        return state
+
+    def export_hf(self, out_dir: str, origin_hf_dir: str) -> None:
+        """Write the current weights as a HF checkpoint (global rank 0 writes)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils.hf_weights import mcore_to_hf, save_hf_checkpoint
+
+        shards = [None] * self.info.tp_size
+        dist.all_gather_object(shards, self.megatron_state(), group=ps.get_tensor_model_parallel_group())
+        if self.info.rank == 0:
+            save_hf_checkpoint(mcore_to_hf(shards, self.model_args), out_dir, origin_hf_dir, self.model_args)
+        dist.barrier()
+
+    @torch.no_grad()
+    def evaluate(self, samples: list[dict]) -> float:
+        """Token-weighted loss over all DP ranks' samples (every supervised token counts once)."""
+        from dataclasses import replace
+
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        global_sup, global_samples = self._global_counts(samples)
+        batching = replace(self.batching, calculate_per_token_loss=True)
+        mbs = [mb.to(self.info.device) for mb in make_micro_batches(samples, batching, global_sup, global_samples)]
+        if not mbs:  # this rank holds none of the eval set; it still joins the sum
+            return self._dp_sum([0.0])[0]
+        self.model.eval()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(mbs),
+            model=[self.model],
+            num_microbatches=len(mbs),
+            seq_length=max(mb.tokens.shape[-1] for mb in mbs),
+            micro_batch_size=1,
+            forward_only=True,
+        )
+        return self._dp_sum([float(sum(d["loss"] for d in losses))])[0]
+
     @torch.no_grad()
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Full-vocabulary logits of one sequence (gathered over TP), for parity checks."""

@@ -76,6 +76,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
     from slime.backends.megatron_utils.batching import BatchingArgs
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
+    from slime.utils.arguments import global_batch_size
 
     backend = args.attention_backend
     if backend == "auto":
@@ -115,7 +116,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
             clip_grad=args.clip_grad,
         ),
         train=TrainArgs(
-            global_batch_size=args.global_batch_size or args.rollout_batch_size,
+            global_batch_size=global_batch_size(args),
             total_steps=total_steps,
             seed=args.seed,
             loss_type=args.loss_type,

@@ -75,3 +75,114 @@ def load_model_weights(model, path: str) -> str:
     if missing:
         raise ValueError(f"checkpoint {source} lacks weights for {missing[:5]}")
     return source
+
+
+# --------------------------------------------------------------------------- training state
+STATE_FILE = "slime_state.json"  # rollout id, scheduler and data position (rank 0)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] is not None],
+        "python_version": random.getstate()[0],
+        "numpy": {"keys": torch.from_numpy(keys.copy()), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    *internal, _ = state["python"]
+    random.setstate((state["python_version"], tuple(internal), None))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(model, optimizer, scheduler, root: str, iteration: int, extra: dict) -> str:
+    """Model + optimizer (torch_dist), scheduler, RNG per rank and ``extra`` (JSON), then the tracker.
+
+    The tracker is replaced atomically after every rank finished, so a crash mid-save leaves
+    the previous checkpoint current.
+    """
+    import json
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    target = _iter_dir(root, iteration)
+    rank = dist.get_rank()
+    if rank == 0:
+        if os.path.isdir(target):
+            shutil.rmtree(target)  # a partial save of this iteration from an earlier crash
+        os.makedirs(target)
+    dist.barrier()
+    model_sd = model.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, target)
+    torch.save(_rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
+    if rank == 0:
+        with open(os.path.join(target, STATE_FILE), "w") as f:
+            json.dump({"iteration": iteration, "scheduler": scheduler.state_dict(), **extra}, f)
+    dist.barrier()
+    if rank == 0:
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return target
+
+
+def has_checkpoint(root: str | None) -> bool:
+    return bool(root) and os.path.exists(os.path.join(root, TRACKER))
+
+
+def load_training_state(model, optimizer, scheduler, root: str) -> dict:
+    """Restore what `save_training_state` wrote; returns its JSON state (iteration, extra)."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    source = checkpoint_dir(root)
+    state_path = os.path.join(source, STATE_FILE)
+    if not os.path.exists(state_path):
+        raise ValueError(f"{source} holds weights only (no {STATE_FILE}); use --ref-load for initial weights")
+    with open(state_path) as f:
+        state = json.load(f)
+    model_sd = model.sharded_state_dict()
+    try:
+        loaded = dist_checkpointing.load(
+            {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, source
+        )
+    except Exception as e:
+        raise ValueError(f"cannot load checkpoint {source}: {type(e).__name__}: {e}") from e
+    model.load_state_dict(loaded["model"], strict=False)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_path = os.path.join(source, f"rng_rank{dist.get_rank():05d}.pt")
+    if os.path.exists(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=True))
+    return state

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rollout-batch-size is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    global_batch = args.global_batch_size or args.rollout_batch_size
+    from slime.utils.arguments import global_batch_size
+
+    global_batch = global_batch_size(args)
     cfg = actor_config_from_args(args, total_steps=args.num_steps)
     source = build_data_source(SFTDataConfig.from_args(args), progress=False)
     actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train)

@@ -1,0 +1,162 @@
+"""The driver side of train.py / train_async.py: start-up, per-rollout bookkeeping, shutdown.
+
+`start_trainer` parses and checks the command line (before Ray starts), starts or joins Ray
+(``RAY_ADDRESS`` / ``ray job submit`` join a cluster, a plain ``python train.py`` starts a local
+one bound to 127.0.0.1), builds the RolloutManager (data validated here) and the train
+group (weights from --load, else --ref-load, else --hf-checkpoint), and resumes the data
+position and rollout id from --load. Everything is shut down on exit, errors included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "start_trainer"]
+
+# Fault injection for resume tests: stop (as a crash would) right after saving this rollout.
+STOP_AFTER_ENV = "SLIME_STOP_AFTER_ROLLOUT"
+
+
+class Trainer:
+    def __init__(self, args):
+        import ray
+
+        from slime.ray.placement_group import create_placement_group
+        from slime.ray.rollout_manager import RolloutManager
+        from slime.ray.train_group import RayTrainGroup
+        from slime.utils.metrics_logger import MetricsLogger
+
+        self.args = args
+        world = args.actor_num_nodes * args.actor_num_gpus_per_node
+        dp = world // args.tensor_model_parallel_size
+        self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
+        self.manager = RolloutManager.remote(args, dp)
+        for line in ray.get(self.manager.report.remote()):
+            logger.info(line)
+        n = ray.get(self.manager.num_samples.remote())
+        self.num_rollout = args.num_rollout or args.num_epoch * n // args.rollout_batch_size
+        if self.num_rollout < 1:
+            raise ValueError(f"{n} samples make no rollout of --rollout-batch-size {args.rollout_batch_size}")
+        from slime.utils.arguments import global_batch_size
+
+        total_steps = self.num_rollout * (args.rollout_batch_size // global_batch_size(args))
+        self.group = RayTrainGroup(args, self.pg, use_gpu, world)
+        state = self.group.init(args, total_steps)[0]["state"]
+        self.start_rollout = 0
+        if state:
+            self.start_rollout = state["rollout_id"] + 1
+            ray.get(self.manager.load_state.remote(state["data_state"]))
+            logger.info("resumed from %s at rollout %d", args.load, self.start_rollout)
+        self.eval_names = ray.get(self.manager.eval_names.remote())
+        self.metrics = MetricsLogger(args, args.save)
+        self.last_saved = None
+        self._bar = None
+
+    # ------------------------------------------------------------------ the loop's verbs
+    def progress(self):
+        from tqdm import tqdm
+
+        self._bar = tqdm(range(self.start_rollout, self.num_rollout), initial=self.start_rollout, total=self.num_rollout, desc="rollouts", unit="rollout")
+        return self._bar
+
+    def generate_async(self, rollout_id: int):
+        return self.manager.generate.remote(rollout_id)
+
+    def wait(self, pending):
+        import ray
+
+        return ray.get(pending)
+
+    def generate(self, rollout_id: int):
+        return self.wait(self.generate_async(rollout_id))
+
+    def train(self, rollout_id: int, data) -> None:
+        for m in self.group.train(rollout_id, data):
+            self.metrics.log(m, step=m["step"])
+            if self._bar is not None:
+                self._bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+        self.step = m["step"]
+
+    def after_rollout(self, rollout_id: int) -> None:
+        import ray
+
+        args, last = self.args, rollout_id == self.num_rollout - 1
+        if self.eval_names and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
+            self.evaluate(rollout_id)
+        if args.save and ((args.save_interval and (rollout_id + 1) % args.save_interval == 0) or last):
+            data_state = ray.get(self.manager.state_before.remote(rollout_id + 1))
+            path = self.group.save(args.save, rollout_id, {"rollout_id": rollout_id, "data_state": data_state})
+            self.last_saved = rollout_id
+            logger.info("saved rollout %d to %s", rollout_id, path)
+            if os.environ.get(STOP_AFTER_ENV) == str(rollout_id):
+                raise SystemExit(f"{STOP_AFTER_ENV}={rollout_id}: stopping after the save (fault injection)")
+
+    def evaluate(self, rollout_id: int) -> None:
+        import ray
+
+        results = {}
+        for name in self.eval_names:
+            refs = ray.get(self.manager.eval_data.remote(name))
+            results[f"eval/{name}/loss"] = self.group.evaluate(refs)
+        self.metrics.log(dict(results, rollout_id=rollout_id), step=self.step)
+        logger.info("rollout %d: %s", rollout_id, results)
+
+    def finish(self) -> None:
+        if self.args.save_hf:
+            self.group.export_hf(self.args.save_hf, self.args.hf_checkpoint)
+            logger.info("exported the final model to %s", self.args.save_hf)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.metrics.close()
+        with contextlib.suppress(Exception):
+            self.group.shutdown()
+
+
+def _ray_init(args) -> None:
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)  # ray job submit / an existing cluster
+        return
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, world + 1),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+@contextlib.contextmanager
+def start_trainer(argv: list[str] | None = None):
+    """Parse, check, start; yields a `Trainer`; always shuts Ray down. Errors exit with code 1."""
+    import ray
+
+    from slime.utils.arguments import parse_args, validate_trainer_args
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    trainer = None
+    try:
+        validate_trainer_args(args)
+        _ray_init(args)
+        trainer = Trainer(args)
+        yield trainer
+    except (ValueError, FileNotFoundError, TimeoutError, ray.exceptions.RayError) as e:
+        cause = getattr(e, "cause", None) or e
+        if not isinstance(cause, (ValueError, FileNotFoundError, TimeoutError)):
+            logger.error("%s", e)  # an unexpected failure inside an actor: keep its traceback
+        print(f"error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if ray.is_initialized():
+            ray.shutdown()

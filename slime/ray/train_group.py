@@ -1,0 +1,101 @@
+"""The train actor group: one Ray actor per rank, each wrapping a `MegatronActor`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RayTrainGroup"]
+
+
+class TrainRayActor:
+    """Runs in its own process; sets the torch.distributed environment, then builds the actor."""
+
+    def address(self) -> tuple[str, int]:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init(self, args, rank: int, world: int, master: tuple[str, int], total_steps: int) -> dict:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is 0.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        from slime.backends.megatron_utils.actor import MegatronActor
+        from slime.backends.megatron_utils.arguments import actor_config_from_args
+        from slime.backends.megatron_utils.checkpoint import has_checkpoint
+
+        cfg = actor_config_from_args(args, total_steps)
+        self.actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train)
+        self.args = args
+        state: dict = {}
+        if has_checkpoint(args.load):  # resume: weights, optimizer, schedule, RNG, data position
+            state = self.actor.load(args.load)
+        elif args.ref_load:
+            self.actor.load_dist(args.ref_load)
+        else:
+            self.actor.load_hf(args.hf_checkpoint)
+        return {"dp_rank": self.actor.info.dp_rank, "dp_size": self.actor.info.dp_size, "state": state}
+
+    def train(self, rollout_id: int, steps: list) -> list[dict]:
+        return [dict(self.actor.train_step(samples), rollout_id=rollout_id) for samples in steps]
+
+    def evaluate(self, samples: list) -> float:
+        return self.actor.evaluate(samples)
+
+    def save(self, root: str, iteration: int, extra: dict) -> str:
+        return self.actor.save(root, iteration, dict(extra, step=self.actor.step))
+
+    def export_hf(self, out_dir: str, origin: str) -> None:
+        self.actor.export_hf(out_dir, origin)
+
+    def shutdown(self) -> None:
+        from slime.backends.megatron_utils.parallel import destroy_parallel
+
+        destroy_parallel()
+
+
+class RayTrainGroup:
+    """``--actor-num-nodes x --actor-num-gpus-per-node`` ranks in a placement group."""
+
+    def __init__(self, args, pg, use_gpu: bool, world: int):
+        env = {"OMP_NUM_THREADS": "1"} if not use_gpu else {}
+        remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(TrainRayActor)
+        self.actors = [
+            remote.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env},
+            ).remote()
+            for i in range(world)
+        ]
+        self.world = world
+
+    def init(self, args, total_steps: int) -> list[dict]:
+        master = ray.get(self.actors[0].address.remote())
+        infos = ray.get([a.init.remote(args, r, self.world, master, total_steps) for r, a in enumerate(self.actors)])
+        self.dp_ranks = [i["dp_rank"] for i in infos]
+        return infos
+
+    def train(self, rollout_id: int, data_refs: list) -> list[dict]:
+        """Each rank trains on its DP share (a ref resolved inside the actor); rank 0's metrics."""
+        results = ray.get([a.train.remote(rollout_id, data_refs[d]) for a, d in zip(self.actors, self.dp_ranks)])
+        return results[0]
+
+    def evaluate(self, data_refs: list) -> float:
+        return ray.get([a.evaluate.remote(data_refs[d]) for a, d in zip(self.actors, self.dp_ranks)])[0]
+
+    def save(self, root: str, iteration: int, extra: dict) -> str:
+        return ray.get([a.save.remote(root, iteration, extra) for a in self.actors])[0]
+
+    def export_hf(self, out_dir: str, origin: str) -> None:
+        ray.get([a.export_hf.remote(out_dir, origin) for a in self.actors])
+
+    def shutdown(self) -> None:
+        ray.get([a.shutdown.remote() for a in self.actors])

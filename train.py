@@ -1,0 +1,21 @@
+"""SFT training, synchronously: generate rollout k, train on it, repeat.
+
+    python train.py --hf-checkpoint ... --prompt-data ... --rollout-batch-size 64 --num-epoch 1 ...
+
+See train_async.py for the version that prepares rollout k+1 while training on rollout k.
+"""
+
+from slime.ray.driver import start_trainer
+
+
+def train(trainer) -> None:
+    for rollout_id in trainer.progress():
+        data = trainer.generate(rollout_id)
+        trainer.train(rollout_id, data)
+        trainer.after_rollout(rollout_id)  # evaluate / save on their intervals
+    trainer.finish()  # HF export
+
+
+if __name__ == "__main__":
+    with start_trainer() as t:
+        train(t)
