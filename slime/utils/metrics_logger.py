@@ -11,12 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MetricsLogger"]
 
 _SECRET_ARGS = {"wandb_key"}
+
+
+def _redact_argv(argv: list[str], flag: str) -> list[str]:
+    out, hide = [], False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a == flag:
+            out.append(a)
+            hide = True
+        elif a.startswith(flag + "="):
+            out.append(flag + "=***")
+        else:
+            out.append(a)
+    return out
 
 
 class MetricsLogger:
@@ -37,6 +54,8 @@ class MetricsLogger:
 
             if args.wandb_key:
                 os.environ["WANDB_API_KEY"] = args.wandb_key
+                # wandb records the command line in its run metadata: redact the key there.
+                sys.argv = _redact_argv(sys.argv, "--wandb-key")
             config = {k: v for k, v in vars(args).items() if k not in _SECRET_ARGS}
             self.wandb = wandb.init(
                 project=args.wandb_project, group=args.wandb_group, mode=args.wandb_mode, dir=args.wandb_dir or log_dir, config=config
