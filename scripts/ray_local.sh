@@ -12,7 +12,7 @@ start_local_ray() {  # $1: CPUs, $2: GPUs
     return
   fi
   RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
-  ray start --head --block --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
+  ray start --head --block --port "${RAY_GCS_PORT:-6379}" --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
     --dashboard-port "${RAY_DASHBOARD_PORT}" --num-cpus "$1" --num-gpus "$2" --disable-usage-stats \
     > "${OUT}/ray_head.log" 2>&1 &
   RAY_HEAD_PID=$!

@@ -2,6 +2,8 @@
 # Tiny SFT end to end on CPU (a few minutes, no download): install, convert the embedded tiny
 # Qwen3 HF checkpoint to torch_dist, train with train_async.py on 2 CPU ranks (DP=2) through
 # `ray job submit`, save, export HF, and load the export with transformers to generate a reply.
+# Environment: OUT (run directory), NUM_EPOCH (default 20), RAY_ADDRESS (use a running cluster),
+# RAY_DASHBOARD_PORT / RAY_GCS_PORT (ports of the private Ray head).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "${ROOT}"
@@ -30,7 +32,7 @@ SFT_ARGS=(
    --tool-key tools
    --multi-turn-policy full
    --rollout-shuffle
-   --num-epoch 20
+   --num-epoch "${NUM_EPOCH:-20}"
    --rollout-batch-size 16
    --global-batch-size 16
    --loss-type sft_loss
