@@ -58,3 +58,9 @@ def test_tiny_script_end_to_end_through_ray_job_submit(tmp_path):
     assert (run / "hf" / "model.safetensors").exists() and (run / "ckpt" / "latest_checkpointed_iteration.txt").exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines() if "raylet" in line or "gcs_server" in line]
+
+
+def test_flag_reference_is_current():
+    from conftest import load_tool
+
+    assert load_tool("gen_flag_reference").main(["--check"]) == 0

@@ -1,0 +1,59 @@
+"""Write docs/flags.md from the argument parser (tests check it is up to date).
+
+    python tools/gen_flag_reference.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "flags.md"
+
+
+def render() -> str:
+    from slime.utils.arguments import get_parser
+
+    parser = get_parser()
+    lines = [
+        "# Flag reference",
+        "",
+        "Generated from the parser by `python tools/gen_flag_reference.py`; do not edit by hand.",
+        "Every entry point (`train.py`, `train_async.py`, `tools/inspect_sft_data.py`,",
+        "`python -m slime.backends.megatron_utils.run_steps`) takes these flags.",
+        "",
+    ]
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        lines += [f"## {group.title}", "", "| flag | default | help |", "|---|---|---|"]
+        for a in actions:
+            flags = ", ".join(f"`{s}`" for s in a.option_strings)
+            if a.choices:
+                flags += " {" + ",".join(str(c) for c in a.choices) + "}"
+            default = "" if a.default in (None, False, argparse.SUPPRESS) else f"`{a.default}`"
+            text = (a.help or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {flags} | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/flags.md is stale")
+    args = p.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python tools/gen_flag_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
