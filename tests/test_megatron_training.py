@@ -5,6 +5,7 @@ on each sample separately, normalized by hand."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import json
 import os
 import subprocess
@@ -280,3 +281,32 @@ def test_torch_dist_round_trip_untied_llama(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(hf / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(actor, tmp_path, monkeypatch):
+    """A save that dies before the tracker moves leaves the previous checkpoint current and loadable."""
+    from megatron.core import dist_checkpointing
+
+    from slime.backends.megatron_utils import checkpoint
+
+    actor.batching = dataclasses.replace(actor.batching, calculate_per_token_loss=True)
+    samples = samples_from_data()[:2]
+    actor.train_step(samples)
+    actor.save(str(tmp_path), 0, {"rollout_id": 0, "data_state": {}})
+    before = {k: v.clone() for k, v in actor.megatron_state().items()}
+    actor.train_step(samples)
+
+    def dying_save(state, target, *a, **k):
+        (Path(target) / "partial.distcp").write_bytes(b"half written")
+        raise RuntimeError("node lost mid-save")
+
+    monkeypatch.setattr(dist_checkpointing, "save", dying_save)
+    with pytest.raises(RuntimeError, match="mid-save"):
+        actor.save(str(tmp_path), 1, {"rollout_id": 1, "data_state": {}})
+    monkeypatch.undo()
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "0"
+    state = actor.load(str(tmp_path))
+    assert state["rollout_id"] == 0
+    for k, v in actor.megatron_state().items():
+        assert torch.equal(v, before[k]), k
+    assert checkpoint.checkpoint_dir(str(tmp_path)).endswith("iter_0000000")

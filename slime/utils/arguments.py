@@ -147,6 +147,14 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save")
     if not args.num_rollout and not args.num_epoch:
         raise ValueError("give --num-epoch or --num-rollout")
+    import logging
+
+    log = logging.getLogger(__name__)
+    ignored = [(f, v) for f, v, d in (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1)) if v != d]
+    for flag, value in ignored:
+        log.warning("%s %s is an RL sampling flag: SFT generates nothing, so it has no effect", flag, value)
+    if not args.debug_train_only:
+        log.info("SFT starts no inference engine (as with --debug-train-only)")
     for flag, path in [("--prompt-data", args.prompt_data), *[("--eval-prompt-data", p) for p in (args.eval_prompt_data or [])[1::2]]]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag}: data file not found: {path}")
