@@ -127,6 +127,7 @@ def _ray_init(args) -> None:
         return
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     ray.init(
+        address="local",  # always a fresh private instance, never a stale /tmp/ray/ray_current_cluster
         num_cpus=max(os.cpu_count() or 1, world + 1),
         include_dashboard=False,
         logging_level=logging.WARNING,
