@@ -152,27 +152,34 @@ class MegatronActor:
         n = torch.tensor(mb.supervised_tokens, dtype=torch.int, device=loss.device)
         return loss, n, metrics
 
-    def _forward_backward(self, samples: list[dict]):
-        """Forward and backward over this rank's micro-batches; grads end up DP-summed."""
+    def _micro_batches(self, samples: list[dict], batching: BatchingArgs) -> tuple[list[MicroBatch], int]:
+        global_sup, global_samples = self._global_counts(samples)
+        mbs = make_micro_batches(samples, batching, global_sup, global_samples)
+        return [mb.to(self.info.device) for mb in mbs], global_sup
+
+    def _run_schedule(self, mbs: list[MicroBatch], forward_only: bool) -> list[dict]:
+        """megatron-core's (non-pipelined) forward/backward schedule over the micro-batches."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        global_sup, global_samples = self._global_counts(samples)
-        mbs = [mb.to(self.info.device) for mb in make_micro_batches(samples, self.batching, global_sup, global_samples)]
-        if not mbs:
-            raise ValueError(f"rank {self.info.rank} got no samples for this step")
-        self.model.train()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
+        return get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter(mbs),
             model=[self.model],
             num_microbatches=len(mbs),
             seq_length=max(mb.tokens.shape[-1] for mb in mbs),
             micro_batch_size=1,
-            forward_only=False,
+            forward_only=forward_only,
         )
-        return losses, mbs, global_sup
+
+    def _forward_backward(self, samples: list[dict]):
+        """Forward and backward over this rank's micro-batches; grads end up DP-summed."""
+        mbs, global_sup = self._micro_batches(samples, self.batching)
+        if not mbs:
+            raise ValueError(f"rank {self.info.rank} got no samples for this step")
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return self._run_schedule(mbs, forward_only=False), mbs, global_sup
 
     def gradients(self, samples: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
         """(global loss, this TP rank's gradients by parameter name) without an optimizer step."""
@@ -246,23 +253,11 @@ class MegatronActor:
         """Token-weighted loss over all DP ranks' samples (every supervised token counts once)."""
         from dataclasses import replace
 
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        global_sup, global_samples = self._global_counts(samples)
-        batching = replace(self.batching, calculate_per_token_loss=True)
-        mbs = [mb.to(self.info.device) for mb in make_micro_batches(samples, batching, global_sup, global_samples)]
+        mbs, _ = self._micro_batches(samples, replace(self.batching, calculate_per_token_loss=True))
         if not mbs:  # this rank holds none of the eval set; it still joins the sum
             return self._dp_sum([0.0])[0]
         self.model.eval()
-        losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iter(mbs),
-            model=[self.model],
-            num_microbatches=len(mbs),
-            seq_length=max(mb.tokens.shape[-1] for mb in mbs),
-            micro_batch_size=1,
-            forward_only=True,
-        )
+        losses = self._run_schedule(mbs, forward_only=True)
         return self._dp_sum([float(sum(d["loss"] for d in losses))])[0]
 
     @torch.no_grad()
