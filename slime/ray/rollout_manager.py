@@ -10,6 +10,7 @@ position of rollout k+1 even when train_async.py already prefetched it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import ray
 
@@ -33,13 +34,13 @@ class RolloutManager:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.args, self.dp_size = args, dp_size
         self.generate_fn = load_function(args.rollout_function_path, "--rollout-function-path", ROLLOUT_PARAMS)
-        self.source = build_data_source(SFTDataConfig.from_args(args), progress=False)
-        self.eval_sources = {}
-        for name, path in zip(args.eval_prompt_data[::2], args.eval_prompt_data[1::2]) if args.eval_prompt_data else ():
-            cfg = SFTDataConfig.from_args(args)
-            from dataclasses import replace
-
-            self.eval_sources[name] = build_data_source(replace(cfg, prompt_data=path, shuffle=False), progress=False)
+        cfg = SFTDataConfig.from_args(args)
+        self.source = build_data_source(cfg, progress=False)
+        pairs = args.eval_prompt_data or []
+        self.eval_sources = {
+            name: build_data_source(replace(cfg, prompt_data=path, shuffle=False), progress=False)
+            for name, path in zip(pairs[::2], pairs[1::2])
+        }
         self.states: dict[int, dict] = {}
 
     def report(self) -> list[str]:

@@ -19,10 +19,11 @@ class TrainRayActor:
     def address(self) -> tuple[str, int]:
         import socket
 
+        ip = ray.util.get_node_ip_address()
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((ip, 0))  # a free port on the address the other ranks will dial
             port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ip, port
 
     def init(self, args, rank: int, world: int, master: tuple[str, int], total_steps: int) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Callable
 
 __all__ = ["add_data_arguments", "add_rollout_arguments", "get_parser", "parse_args"]
@@ -147,8 +148,6 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save")
     if not args.num_rollout and not args.num_epoch:
         raise ValueError("give --num-epoch or --num-rollout")
-    import logging
-
     log = logging.getLogger(__name__)
     ignored = [(f, v) for f, v, d in (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1)) if v != d]
     for flag, value in ignored:
