@@ -238,15 +238,25 @@ class MegatronActor:
     def export_hf(self, out_dir: str, origin_hf_dir: str) -> None:
         """Write the current weights as a HF checkpoint (global rank 0 writes)."""
         import torch.distributed as dist
+
+        from slime.backends.megatron_utils.hf_weights import save_hf_checkpoint
+
+        hf = self.gather_hf(self.megatron_state())
+        if hf is not None:
+            save_hf_checkpoint(hf, out_dir, origin_hf_dir, self.model_args)
+        dist.barrier()
+
+    def gather_hf(self, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """HF-named full tensors from this TP rank's megatron-named ``shard`` (weights or grads,
+        mapped alike), on global rank 0; None elsewhere. Every rank must call it."""
+        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from slime.backends.megatron_utils.hf_weights import mcore_to_hf, save_hf_checkpoint
+        from slime.backends.megatron_utils.hf_weights import mcore_to_hf
 
         shards = [None] * self.info.tp_size
-        dist.all_gather_object(shards, self.megatron_state(), group=ps.get_tensor_model_parallel_group())
-        if self.info.rank == 0:
-            save_hf_checkpoint(mcore_to_hf(shards, self.model_args), out_dir, origin_hf_dir, self.model_args)
-        dist.barrier()
+        dist.all_gather_object(shards, shard, group=ps.get_tensor_model_parallel_group())
+        return mcore_to_hf(shards, self.model_args) if self.info.rank == 0 else None
 
     @torch.no_grad()
     def evaluate(self, samples: list[dict]) -> float:

@@ -41,6 +41,21 @@ def checkpoint_dir(path: str) -> str:
     return out
 
 
+def _point_tracker(root: str, iteration: int) -> None:
+    """Rank 0 points the tracker at ``iteration`` once every rank has finished writing it.
+
+    ``os.replace`` is atomic, so the tracker never names a partial save.
+    """
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+
+
 def save_model_weights(model, root: str, iteration: int = 0) -> str:
     """Save ``model``'s sharded state (all ranks call this) and point the tracker at it."""
     import torch.distributed as dist
@@ -52,12 +67,7 @@ def save_model_weights(model, root: str, iteration: int = 0) -> str:
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), target)
     dist.barrier()
-    if dist.get_rank() == 0:
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))  # atomic: the tracker never names a partial save
-    dist.barrier()
+    _point_tracker(root, iteration)
     return target
 
 
@@ -145,12 +155,7 @@ def save_training_state(model, optimizer, scheduler, root: str, iteration: int, 
         with open(os.path.join(target, STATE_FILE), "w") as f:
             json.dump({"iteration": iteration, "scheduler": scheduler.state_dict(), **extra}, f)
     dist.barrier()
-    if rank == 0:
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))
-    dist.barrier()
+    _point_tracker(root, iteration)
     return target
 
 

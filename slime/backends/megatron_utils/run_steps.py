@@ -33,23 +33,6 @@ def _add_run_arguments(parser):
     return parser
 
 
-def gather_hf_grads(actor, grads: dict) -> dict | None:
-    """HF-named full gradients on rank 0 (TP shards gathered and mapped like weights)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from slime.backends.megatron_utils.hf_weights import mcore_to_hf
-
-    group = ps.get_tensor_model_parallel_group()
-    shards = [None] * actor.info.tp_size
-    dist.all_gather_object(shards, grads, group=group)
-    if actor.info.rank != 0:
-        return None
-    hf = mcore_to_hf(shards, actor.model_args)
-    return {k: v.to(torch.float64) for k, v in hf.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -87,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if step == 0 and args.dump_grads:
             loss, grads = actor.gradients(mine)
-            full = gather_hf_grads(actor, grads)
+            full = actor.gather_hf(grads)
             if rank0:
+                full = {k: v.to(torch.float64) for k, v in full.items()}
                 torch.save({"loss": loss, "grads": full}, args.dump_grads)
         metrics = actor.train_step(mine)
         if rank0:
