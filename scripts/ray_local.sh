@@ -1,16 +1,31 @@
 # Helpers for the run-*.sh launchers (sourced). A Ray head of our own on 127.0.0.1, stopped
 # when the script exits; Ray processes of anyone else on the machine are left alone.
 # Set RAY_ADDRESS to submit to an existing cluster instead (multi-node: run
-# `ray start --address <head-ip>:6379` on each worker first).
+# `ray start --address <head-ip>:6379` on each worker first); its authentication settings
+# (RAY_AUTH_MODE, RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token) are used untouched.
+
+ensure_ray_auth_token() {
+  # Our head runs with Ray's token authentication. Ray looks for the token in RAY_AUTH_TOKEN,
+  # then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token; `ray get-auth-token --generate` (Ray's
+  # documented way) keeps an existing ~/.ray/auth_token or writes a new one. A bare machine
+  # has none, and `ray start` refuses token mode without it. umask 077: readable by this user
+  # only. The token itself is never printed.
+  if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then return; fi
+  if ! (umask 077 && ray get-auth-token --generate > /dev/null); then
+    echo "could not create a Ray auth token (ray get-auth-token --generate)" >&2
+    exit 1
+  fi
+}
 
 start_local_ray() {  # $1: CPUs, $2: GPUs
-  # Ray's token authentication (the default for local clusters since Ray 2.59): the CLI
-  # clients below must run in the same mode to send the token from ~/.ray/auth_token.
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
   if [ -n "${RAY_ADDRESS:-}" ]; then
     SUBMIT_ADDRESS=${RAY_ADDRESS}
     return
   fi
+  # Token authentication (Ray's default for new local clusters); the CLI clients below must
+  # run in the same mode to send the token. An explicit RAY_AUTH_MODE is respected.
+  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+  if [ "${RAY_AUTH_MODE}" = "token" ]; then ensure_ray_auth_token; fi
   RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
   ray start --head --block --port "${RAY_GCS_PORT:-6379}" --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
     --dashboard-port "${RAY_DASHBOARD_PORT}" --num-cpus "$1" --num-gpus "$2" --disable-usage-stats \
@@ -20,7 +35,11 @@ start_local_ray() {  # $1: CPUs, $2: GPUs
   SUBMIT_ADDRESS="http://127.0.0.1:${RAY_DASHBOARD_PORT}"
   for _ in $(seq 1 90); do
     if ray job list --address "${SUBMIT_ADDRESS}" > /dev/null 2>&1; then return; fi
-    if ! kill -0 "${RAY_HEAD_PID}" 2>/dev/null; then echo "ray head failed to start: see ${OUT}/ray_head.log" >&2; exit 1; fi
+    if ! kill -0 "${RAY_HEAD_PID}" 2>/dev/null; then
+      echo "ray head failed to start; last lines of ${OUT}/ray_head.log:" >&2
+      tail -n 20 "${OUT}/ray_head.log" >&2
+      exit 1
+    fi
     sleep 1
   done
   echo "ray head did not answer at ${SUBMIT_ADDRESS} within 90 s" >&2

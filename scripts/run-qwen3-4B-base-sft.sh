@@ -42,9 +42,12 @@ SFT_ARGS=(
 
 PERF_ARGS=(
    --tensor-model-parallel-size 1
+   --pipeline-model-parallel-size 1
+   --context-parallel-size 1
+   --expert-model-parallel-size 1
+   --expert-tensor-parallel-size 1
    --sequence-parallel
    --bf16
-   --attention-backend flex
    --recompute-granularity full
    --recompute-method uniform
    --recompute-num-layers 1
@@ -72,6 +75,10 @@ WANDB_ARGS=(
 MISC_ARGS=(
    --attention-dropout 0.0
    --hidden-dropout 0.0
+   --accumulate-allreduce-grads-in-fp32
+   --attention-softmax-in-fp32
+   # the fastest exact packed attention on the device (CPU: sdpa; CUDA: flash varlen); the log says which
+   --attention-backend flash
    --actor-num-nodes 1
    --actor-num-gpus-per-node "${NUM_GPUS}"
 )

@@ -45,6 +45,10 @@ SFT_ARGS=(
 
 PERF_ARGS=(
    --tensor-model-parallel-size 1
+   --pipeline-model-parallel-size 1
+   --context-parallel-size 1
+   --expert-model-parallel-size 1
+   --expert-tensor-parallel-size 1
    --use-dynamic-batch-size
    --max-tokens-per-gpu 2048
 )
@@ -69,7 +73,10 @@ WANDB_ARGS=(
 MISC_ARGS=(
    --attention-dropout 0.0
    --hidden-dropout 0.0
-   --attention-backend sdpa
+   --accumulate-allreduce-grads-in-fp32
+   --attention-softmax-in-fp32
+   # the fastest exact packed attention on the device (CPU: sdpa; CUDA: flash varlen); the log says which
+   --attention-backend flash
    --actor-num-nodes 1
    --actor-num-gpus-per-node 2
 )
@@ -88,13 +95,5 @@ ray job submit --address "${SUBMIT_ADDRESS}" \
    --runtime-env-json "{\"env_vars\": {\"OMP_NUM_THREADS\": \"1\", \"PYTHONPATH\": \"${ROOT}\"}}" \
    -- "${TRAIN_CMD[@]}"
 
-python3 - "${OUT}/hf" <<'PY'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], add_generation_prompt=True, return_tensors="pt")
-out = model.generate(ids, max_new_tokens=40, do_sample=False)
-print("reply of the exported model:", repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)))
-PY
-echo "metrics: ${OUT}/ckpt/metrics.jsonl  checkpoints: ${OUT}/ckpt  HF export: ${OUT}/hf"
+# Where everything is, first and last loss, and a reply of the exported model.
+python3 "${ROOT}/tools/summarize_run.py" --save "${OUT}/ckpt" --save-hf "${OUT}/hf"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,63 @@ def test_ray_helper_binds_localhost_with_auth():
     assert "RAY_AUTH_MODE" in text and "pkill" not in text and "ray stop" not in text
 
 
+@pytest.fixture
+def short_tmp():
+    """A short temp dir: Ray's socket paths under TMPDIR must stay within AF_UNIX's 107 bytes."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="sl", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _bare_env(tmp_path, tmp=None, **extra) -> dict:
+    """A new user's environment: empty HOME and temp dir, no Ray settings of anyone."""
+    home, tmp = tmp_path / "home", tmp or tmp_path / "tmp"
+    home.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HF_", "XDG_"))}
+    env.update(HOME=str(home), TMPDIR=str(tmp), **extra)
+    return env
+
+
+def _source_helper(script: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = f'source "{ROOT}/scripts/ray_local.sh"; {script}'
+    return subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_auth_token_created_on_a_bare_home_private_and_never_printed(tmp_path):
+    env = _bare_env(tmp_path)
+    proc = _source_helper("ensure_ray_auth_token", env)
+    assert proc.returncode == 0, proc.stderr
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    assert token.exists() and (token.stat().st_mode & 0o777) == 0o600
+    secret = token.read_text().strip()
+    assert len(secret) >= 16 and secret not in proc.stdout + proc.stderr
+    again = _source_helper("ensure_ray_auth_token", env)  # an existing token is kept, not replaced
+    assert again.returncode == 0 and token.read_text().strip() == secret
+
+
+def test_users_own_token_and_cluster_are_left_alone(tmp_path):
+    home_token = tmp_path / "home" / ".ray" / "auth_token"
+    env = _bare_env(tmp_path, RAY_AUTH_TOKEN="user-token-1234567890")
+    assert _source_helper("ensure_ray_auth_token", env).returncode == 0
+    assert not home_token.exists()  # RAY_AUTH_TOKEN given: nothing written
+    env = _bare_env(tmp_path / "b", RAY_ADDRESS="http://10.0.0.1:8265")
+    proc = _source_helper('OUT=/nonexistent; start_local_ray 1 0; echo "$SUBMIT_ADDRESS|${RAY_AUTH_MODE:-unset}"', env)
+    assert proc.stdout.strip() == "http://10.0.0.1:8265|unset", proc.stderr  # their cluster, their auth mode
+    assert not (tmp_path / "b" / "home" / ".ray").exists()
+
+
+def test_ci_runs_the_test_command_in_a_clean_environment():
+    text = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/run-tests.sh" in text
+    for setting in ('export HOME="${CI_ROOT}/home"', 'TMPDIR="${CI_ROOT}/tmp"', 'XDG_CACHE_HOME="${CI_ROOT}/cache"', "HF_HOME="):
+        assert setting in text, setting
+    assert "RAY_* |" in text and "mktemp -d" in text
+
+
 def _port():
     import socket
 
@@ -43,21 +101,27 @@ def _port():
         return s.getsockname()[1]
 
 
-def test_tiny_script_end_to_end_through_ray_job_submit(tmp_path):
-    """ray start --head + ray job submit + train_async + HF export + generate, then no Ray left."""
-    env = dict(
-        os.environ, OUT=str(tmp_path / "run"), NUM_EPOCH="1", OMP_NUM_THREADS="1",
+def test_tiny_script_end_to_end_on_a_bare_home(tmp_path, short_tmp):
+    """What a new user runs: empty HOME, no Ray token, no Ray running. ray start --head +
+    ray job submit + train_async + save + HF export + the summary, then no Ray left."""
+    env = _bare_env(
+        tmp_path, short_tmp, OUT=str(tmp_path / "run"), NUM_EPOCH="1", OMP_NUM_THREADS="1",
         RAY_DASHBOARD_PORT=str(_port()), RAY_GCS_PORT=str(_port()),
     )
-    env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "run-tiny-sft.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "succeeded" in proc.stdout + proc.stderr
-    assert "reply of the exported model:" in proc.stdout
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    assert "attention: --attention-backend flash -> sdpa" in out  # says which path it picked
     run = tmp_path / "run"
     assert (run / "hf" / "model.safetensors").exists() and (run / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+    summary = proc.stdout[proc.stdout.index("run finished") :]
+    for where in (run / "ckpt", run / "hf", run / "ckpt" / "metrics.jsonl", run / "ckpt" / "tensorboard"):
+        assert str(where) in summary, where
+    assert "loss (nats/token): first step" in summary and "reply of the exported model" in summary
+    assert (tmp_path / "home" / ".ray" / "auth_token").exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert not [line for line in ps.splitlines() if "raylet" in line or "gcs_server" in line]
+    assert not [line for line in ps.splitlines() if str(short_tmp) in line and ("raylet" in line or "gcs_server" in line)]
 
 
 def test_flag_reference_is_current():

@@ -46,7 +46,9 @@ class Trainer:
 
         total_steps = self.num_rollout * (args.rollout_batch_size // global_batch_size(args))
         self.group = RayTrainGroup(args, self.pg, use_gpu, world)
-        state = self.group.init(args, total_steps)[0]["state"]
+        first = self.group.init(args, total_steps)[0]
+        logger.info(first["attention"])
+        state = first["state"]
         self.start_rollout = 0
         if state:
             self.start_rollout = state["rollout_id"] + 1

@@ -130,6 +130,9 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     gbs = global_batch_size(args)
     if args.rollout_batch_size % gbs:
         raise ValueError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --global-batch-size {gbs}")
+    from slime.backends.megatron_utils.arguments import check_parallel_sizes
+
+    check_parallel_sizes(args)
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     if world % args.tensor_model_parallel_size:
         raise ValueError(f"{world} ranks are not divisible by --tensor-model-parallel-size {args.tensor_model_parallel_size}")

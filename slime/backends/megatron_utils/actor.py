@@ -68,7 +68,7 @@ class MegatronActor:
         module = build_gpt_model(model, build)
         config = module.config
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=build.grad_reduce_in_fp32,
             overlap_grad_reduce=False,
             use_distributed_optimizer=cuda,
         )

@@ -7,7 +7,25 @@ from dataclasses import dataclass
 
 from slime.backends.megatron_utils.model_config import ModelArgs, add_model_arguments, resolve_model_args
 
-__all__ = ["ActorConfig", "actor_config_from_args", "add_megatron_arguments"]
+__all__ = [
+    "ATTENTION_BACKEND_CHOICES",
+    "ActorConfig",
+    "actor_config_from_args",
+    "add_megatron_arguments",
+    "check_parallel_sizes",
+    "resolve_attention_backend",
+]
+
+# Ours (sdpa, flex, varlen) plus Megatron-LM's names, so slime's scripts run unchanged.
+ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "varlen", "flash", "fused", "unfused", "local")
+
+# Layouts parsed for slime's scripts but not built yet (issue "Parallelism and MoE parity").
+_NOT_YET = {
+    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", "pipeline parallelism"),
+    "context_parallel_size": ("--context-parallel-size", "context parallelism"),
+    "expert_model_parallel_size": ("--expert-model-parallel-size", "expert parallelism (MoE)"),
+    "expert_tensor_parallel_size": ("--expert-tensor-parallel-size", "expert tensor parallelism (MoE)"),
+}
 
 
 def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -15,14 +33,32 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g = parser.add_argument_group("training (Megatron-LM names)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    for flag in ("--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size"):
+        g.add_argument(flag, type=int, default=1, help="1 only for now; larger sizes are refused at start-up")
+    g.add_argument(
+        "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; 1 (or unset) for now, larger is refused"
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 params and activations (CUDA); CPU runs are fp32")
+    g.add_argument(
+        "--accumulate-allreduce-grads-in-fp32",
+        action="store_true",
+        help="accumulate and all-reduce gradients in fp32 (Megatron-LM; always on with --bf16, as there; fp32 runs already are)",
+    )
+    g.add_argument(
+        "--attention-softmax-in-fp32",
+        action="store_true",
+        help="attention scores and softmax in fp32 under --bf16 (flex/varlen keep softmax statistics in fp32 anyway; "
+        "sdpa upcasts q/k/v, costing memory)",
+    )
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument(
         "--attention-backend",
-        choices=("auto", "sdpa", "flex", "varlen"),
+        choices=ATTENTION_BACKEND_CHOICES,
         default="auto",
-        help="packed attention: sdpa (reference, any device), flex or varlen (CUDA); auto = flex on CUDA, sdpa on CPU",
+        help="packed attention: sdpa (reference, any device), flex or varlen (CUDA); auto = flex on CUDA, sdpa on CPU; "
+        "Megatron-LM's flash/fused = the fastest exact packed path on the device (varlen, else flex, sdpa on CPU), "
+        "unfused/local = sdpa",
     )
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
@@ -58,6 +94,45 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def check_parallel_sizes(args: argparse.Namespace) -> None:
+    """Refuse layouts slime's scripts name but we do not build yet, before anything starts."""
+    for dest, (flag, what) in _NOT_YET.items():
+        size = getattr(args, dest)
+        if size is not None and size != 1:
+            raise ValueError(
+                f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
+                "(use --tensor-model-parallel-size and data parallelism to scale)"
+            )
+
+
+def _varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(name: str, cuda: bool) -> tuple[str, str]:
+    """``--attention-backend`` -> (one of `attention.BACKENDS`, why), for the device at hand.
+
+    Every result is exact on packed data (no attention across samples). flash/fused ask for
+    the fastest: PyTorch's flash varlen kernel where it exists, else compiled FlexAttention;
+    on CPU only sdpa trains (flex's CPU path is for tests, varlen is CUDA-only).
+    """
+    if name in ("sdpa", "flex", "varlen"):
+        return name, "as requested"
+    if name in ("unfused", "local"):
+        return "sdpa", f"{name}: the unfused reference path"
+    if not cuda:
+        return "sdpa", f"{name} on CPU: sdpa is the only CPU training path"
+    if name == "auto":
+        return "flex", "auto on CUDA"
+    if _varlen_available():
+        return "varlen", f"{name} on CUDA: PyTorch's flash varlen kernel"
+    return "flex", f"{name} on CUDA: this torch has no varlen kernel, using compiled FlexAttention"
+
+
 @dataclass(frozen=True)
 class ActorConfig:
     """The actor's typed groups, built once from the command line."""
@@ -78,15 +153,16 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
     from slime.utils.arguments import global_batch_size
 
-    backend = args.attention_backend
-    if backend == "auto":
-        backend = "flex" if torch.cuda.is_available() else "sdpa"
+    check_parallel_sizes(args)
+    backend, _ = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
     return ActorConfig(
         model=resolve_model_args(args),
         build=ModelBuildArgs(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
+            grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,
+            attention_softmax_in_fp32=args.attention_softmax_in_fp32,
             attention_dropout=args.attention_dropout,
             hidden_dropout=args.hidden_dropout,
             attention_backend=backend,

@@ -12,6 +12,10 @@ place in the layer spec (same constructor and forward signature) and offers thre
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash varlen in PyTorch), CUDA only.
 
 Positions restart per sample because megatron applies RoPE per ``cu_seqlens`` segment in THD.
+
+``--attention-softmax-in-fp32`` (``config.attention_softmax_in_fp32``) under bf16/fp16: flex and
+varlen keep the softmax statistics in fp32 inside the kernel already; sdpa gets q/k/v upcast to
+fp32 (exact softmax in fp32, at twice the activation memory of that call).
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ class PackedCoreAttention(MegatronModule):
         kv_channels = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_in_fp32 = bool(config.attention_softmax_in_fp32)
         self._mask_cache: tuple | None = None  # (cu_seqlens tensor, block mask), shared across layers
 
     def _block_mask(self, cu_seqlens, total, device):
@@ -142,6 +147,9 @@ class PackedCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention bias is not supported")
         dropout_p = self.dropout_p if self.training else 0.0
+        out_dtype = query.dtype
+        if self.softmax_in_fp32 and self.backend == "sdpa" and out_dtype in (torch.bfloat16, torch.float16):
+            query, key, value = query.float(), key.float(), value.float()
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # [t, heads, d]; megatron reshapes the output to [t, 1, heads * d].
             cu = packed_seq_params.cu_seqlens_q
@@ -156,11 +164,11 @@ class PackedCoreAttention(MegatronModule):
                 packed_seq_params.max_seqlen_q,
                 self._block_mask(cu, query.shape[0], query.device),
             )
-            return out.reshape(out.shape[0], -1)
+            return out.reshape(out.shape[0], -1).to(out_dtype)
         # [s, b, heads, d]: ordinary causal attention over each row of the batch.
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
         )
         s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1).to(out_dtype)

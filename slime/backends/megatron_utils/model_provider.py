@@ -23,6 +23,9 @@ class ModelBuildArgs:
     """How to instantiate the architecture: parallelism, precision, dropout, recompute.
 
     bf16: bf16 params/activations (GPU); fp32 otherwise (CPU).
+    grad_reduce_in_fp32: gradients accumulated and all-reduced in fp32
+        (``--accumulate-allreduce-grads-in-fp32``; Megatron-LM forces it under bf16).
+    attention_softmax_in_fp32: attention scores/softmax in fp32 (``--attention-softmax-in-fp32``).
     attention_backend: `attention.BACKENDS` (sdpa reference, flex / varlen fast paths).
     recompute_*: Megatron-LM's activation recomputation flags.
     """
@@ -30,6 +33,8 @@ class ModelBuildArgs:
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
     bf16: bool = False
+    grad_reduce_in_fp32: bool = True
+    attention_softmax_in_fp32: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     attention_backend: str = "sdpa"
@@ -75,6 +80,7 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         pipeline_dtype=dtype,
         hidden_dropout=build.hidden_dropout,
         attention_dropout=build.attention_dropout,
+        attention_softmax_in_fp32=build.attention_softmax_in_fp32,
         recompute_granularity=build.recompute_granularity,
         recompute_method=build.recompute_method,
         recompute_num_layers=build.recompute_num_layers,
