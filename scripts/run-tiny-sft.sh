@@ -3,11 +3,12 @@
 # Qwen3 HF checkpoint to torch_dist, train with train_async.py on 2 CPU ranks (DP=2) through
 # `ray job submit`, save, export HF, and load the export with transformers to generate a reply.
 # Environment: OUT (run directory), NUM_EPOCH (default 20), RAY_ADDRESS (use a running cluster),
-# RAY_DASHBOARD_PORT / RAY_GCS_PORT (ports of the private Ray head).
+# RAY_DASHBOARD_PORT / RAY_GCS_PORT (ports of the private Ray head), SLIME_SKIP_INSTALL=1 (use the
+# installed packages as they are).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "${ROOT}"
-if [ -z "${DRY_RUN:-}" ]; then
+if [ -z "${DRY_RUN:-}" ] && [ -z "${SLIME_SKIP_INSTALL:-}" ]; then
   python -m pip install --quiet torch==2.13.0
   python -m pip install --quiet -e .
 fi
