@@ -43,3 +43,102 @@ def make_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.1)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# ------------------------------------------------------------------ RL (policy_loss) helpers
+def build_actor(
+    hf_dir: Path, batching, global_batch_size: int, loss_type: str = "sft_loss", algorithm=None, tp: int = 1, optim=None
+):
+    """A MegatronActor on the HF checkpoint's weights (process group set up by the actor)."""
+    from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
+    from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+    from slime.backends.megatron_utils.optimizer import OptimizerArgs
+
+    actor = MegatronActor(
+        ModelArgs(**hf_model_args(str(hf_dir))),
+        ModelBuildArgs(tensor_model_parallel_size=tp),
+        batching,
+        optim or OptimizerArgs(lr=3e-3, weight_decay=0.0),
+        TrainArgs(global_batch_size=global_batch_size, total_steps=10, loss_type=loss_type),
+        algorithm,
+    )
+    actor.load_hf(str(hf_dir))
+    return actor
+
+
+def synthetic_samples(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Train dicts of random tokens with unequal lengths, prompts and holes in the loss mask."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(24, 96, (1,), generator=g))
+        resp = int(torch.randint(6, length - 4, (1,), generator=g))
+        mask = (torch.rand(resp, generator=g) > 0.2).long()
+        mask[0] = 1  # every sample supervises something
+        out.append({"tokens": torch.randint(0, vocab, (length,), generator=g).tolist(), "loss_mask": mask.tolist(), "response_length": resp})
+    return out
+
+
+def hf_response_log_probs(hf_dir: Path, samples: list[dict], requires_grad: bool = False):
+    """(model, per-sample response log-probs, per-sample response entropies) from transformers in float64."""
+    from transformers import AutoModelForCausalLM
+
+    from slime.algorithms.policy import entropy_from_logits
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float64)
+    log_probs, entropies = [], []
+    with torch.set_grad_enabled(requires_grad):
+        for s in samples:
+            ids = torch.tensor(s["tokens"])[None]
+            logits = model(ids).logits[0, :-1]
+            resp = slice(len(s["tokens"]) - s["response_length"] - 1, None)
+            lp = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            log_probs.append(lp[resp])
+            entropies.append(entropy_from_logits(logits)[resp])
+    return model, log_probs, entropies
+
+
+def attach_rl_fields(samples: list[dict], log_probs: list[torch.Tensor], seed: int = 0) -> None:
+    """Old / reference / engine log-probs near the true ones (ratios spread over both clip sides)
+    and +-1-ish advantages, as float32 tensors of response_length values."""
+    g = torch.Generator().manual_seed(seed)
+    for s, lp in zip(samples, log_probs):
+        lp = lp.detach().float()
+        noise = lambda scale: scale * torch.randn(lp.shape, generator=g)  # noqa: E731
+        s["log_probs"] = lp + noise(0.4)
+        s["ref_log_probs"] = lp + noise(0.3)
+        s["rollout_log_probs"] = s["log_probs"] + noise(0.3)
+        s["advantages"] = torch.randn(1, generator=g).expand(lp.shape) + noise(0.2)
+
+
+def hf_policy_reference(hf_dir: Path, samples: list[dict], cfg, per_token: bool):
+    """policy_objective applied per sample on transformers' float64 log-probs, normalized by hand:
+    (loss, metrics, HF-named gradients)."""
+    from slime.algorithms.policy import policy_objective
+
+    model, log_probs, entropies = hf_response_log_probs(hf_dir, samples, requires_grad=True)
+    total_sup = sum(sum(s["loss_mask"]) for s in samples)
+    loss, metrics = 0, {}
+    for s, lp, ent in zip(samples, log_probs, entropies):
+        mask = torch.tensor(s["loss_mask"], dtype=torch.float64)
+        weights = mask / total_sup if per_token else mask / mask.sum() / len(samples)
+        part, m = policy_objective(
+            cfg,
+            log_probs=lp,
+            old_log_probs=s["log_probs"].double(),
+            advantages=s["advantages"].double(),
+            weights=weights,
+            entropy=ent,
+            ref_log_probs=s["ref_log_probs"].double(),
+            rollout_log_probs=s["rollout_log_probs"].double(),
+            segment_ids=torch.zeros(len(lp), dtype=torch.long),
+        )
+        loss = loss + part
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    if "lm_head.weight" not in grads:  # tied embeddings
+        grads["lm_head.weight"] = grads["model.embed_tokens.weight"]
+    return float(loss), metrics, grads

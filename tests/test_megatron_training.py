@@ -184,8 +184,8 @@ def test_bad_settings_fail_early():
         OptimizerArgs(lr=1e-5, min_lr=1e-4)
     with pytest.raises(ValueError, match="--recompute-method"):
         ModelBuildArgs(recompute_granularity="full")
-    with pytest.raises(ValueError, match="policy_loss is not available"):
-        resolve_loss("policy_loss")
+    with pytest.raises(ValueError, match="custom_loss needs --custom-loss-function-path"):
+        resolve_loss("custom_loss")
     with pytest.raises(ValueError, match="unknown --loss-type"):
         resolve_loss("nope")
 

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from slime.backends.megatron_utils.model_config import ModelArgs
 from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
 from slime.backends.megatron_utils.optimizer import OptimizerArgs, build_optimizer
 from slime.backends.megatron_utils.parallel import init_parallel
+
+if TYPE_CHECKING:
+    from slime.algorithms.config import AlgorithmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,16 @@ class TrainArgs:
 class MegatronActor:
     """One rank of the trainer. ``train_step(samples)`` = one optimizer step on this rank's share."""
 
-    def __init__(self, model: ModelArgs, build: ModelBuildArgs, batching: BatchingArgs, optim: OptimizerArgs, train: TrainArgs):
+    def __init__(
+        self,
+        model: ModelArgs,
+        build: ModelBuildArgs,
+        batching: BatchingArgs,
+        optim: OptimizerArgs,
+        train: TrainArgs,
+        algorithm: "AlgorithmConfig | None" = None,
+    ):
+        """``algorithm``: the RL flags read by policy_loss (slime's defaults when None)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         self.model_args, self.build_args, self.batching, self.train_args = model, build, batching, train
@@ -77,8 +90,12 @@ class MegatronActor:
         config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None)
         self.optimizer, self.scheduler = build_optimizer(self.model, optim, train.total_steps, build.bf16, distributed=cuda)
         padded = model.padded_vocab_size(build.tensor_model_parallel_size)
+        if algorithm is None and train.loss_type == "policy_loss":
+            from slime.algorithms.config import AlgorithmConfig
+
+            algorithm = AlgorithmConfig()
         self.loss_ctx = LossContext(
-            vocab_size=model.vocab_size, vocab_start=self.info.tp_rank * padded // self.info.tp_size
+            vocab_size=model.vocab_size, vocab_start=self.info.tp_rank * padded // self.info.tp_size, algorithm=algorithm
         )
         self.step = 0
 
@@ -132,9 +149,14 @@ class MegatronActor:
         return int(local[0]), int(local[1])
 
     def _forward_step(self, data_iterator, model):
+        mb: MicroBatch = next(data_iterator)
+        return self._logits(model, mb), partial(self._loss, mb)
+
+    @staticmethod
+    def _logits(model, mb: MicroBatch) -> torch.Tensor:
+        """This TP rank's vocabulary slice of the logits of one micro-batch."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        mb: MicroBatch = next(data_iterator)
         psp = None
         if mb.cu_seqlens is not None:
             psp = PackedSeqParams(
@@ -144,8 +166,7 @@ class MegatronActor:
                 max_seqlen_q=mb.max_seqlen,
                 max_seqlen_kv=mb.max_seqlen,
             )
-        logits = model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp)
-        return logits, partial(self._loss, mb)
+        return model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp)
 
     def _loss(self, mb: MicroBatch, logits):
         loss, metrics = self.loss_fn(logits, mb, self.loss_ctx)
@@ -204,13 +225,15 @@ class MegatronActor:
         if update_ok:
             self.scheduler.step(increment=1)
         self.step += 1
-        loss, real, capacity = self._dp_sum(
-            [float(sum(d["loss"] for d in losses)), sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs)]
-        )
+        # Loss metrics are weighted sums (global denominators baked in): summing them over
+        # micro-batches and DP ranks gives the global means.
+        keys = sorted({k for d in losses for k in d})
+        sums = self._dp_sum([float(sum(d.get(k, 0.0) for d in losses)) for k in keys] + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs)])
+        loss_metrics, (real, capacity) = dict(zip(keys, sums[: len(keys)])), sums[len(keys) :]
         elapsed = time.perf_counter() - start
         return {
+            **loss_metrics,
             "step": self.step,
-            "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "supervised_tokens": global_sup,
@@ -269,6 +292,33 @@ class MegatronActor:
         self.model.eval()
         losses = self._run_schedule(mbs, forward_only=True)
         return self._dp_sum([float(sum(d["loss"] for d in losses))])[0]
+
+    @torch.no_grad()
+    def compute_log_probs(self, samples: list[dict], with_entropy: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Per-response-token log-probs (and entropy) of the current weights, forward only.
+
+        Same packing as training; every rank of the DP group must call it. Returns
+        ``{"log_probs": [...], "entropy": [...]}``: one float32 CPU tensor of
+        ``response_length`` values per sample, in order (the old policy's or, with the
+        reference weights loaded, the reference's log-probs).
+        """
+        from slime.backends.megatron_utils.log_probs import token_entropy, token_log_probs
+
+        mbs, _ = self._micro_batches(samples, self.batching)
+        self.model.eval()
+        out: dict[str, list[torch.Tensor]] = {"log_probs": [], **({"entropy": []} if with_entropy else {})}
+        ctx = self.loss_ctx
+        for mb in mbs:
+            logits = self._logits(self.model, mb)
+            per_position = {}
+            if with_entropy:  # before the CE kernel, which overwrites the logits
+                per_position["entropy"] = token_entropy(logits, ctx.vocab_size, ctx.vocab_start)
+            per_position["log_probs"] = token_log_probs(logits, mb.labels, ctx.vocab_size, ctx.vocab_start)
+            for i in range(mb.num_samples):
+                row, cols = mb.response_positions(i)
+                for key, values in per_position.items():
+                    out[key].append(values[row, cols].float().cpu())
+        return out
 
     @torch.no_grad()
     def logits(self, tokens: list[int]) -> torch.Tensor:

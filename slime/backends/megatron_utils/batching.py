@@ -13,15 +13,30 @@ weights fixed here, before the step, from global counts:
 
 So the loss is the same whatever the micro-batching, packing, DP or TP layout, and gradients
 are summed (never averaged) across micro-batches and DP ranks.
+
+RL samples also carry per-response-token values (``TOKEN_FIELDS``: advantages, old / reference /
+engine log-probs, one value per response token as in slime). They are placed on the position
+that predicts their token, like the weights, and travel in ``MicroBatch.fields``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BatchingArgs", "MicroBatch", "make_micro_batches", "partition_dynamic", "partition_fixed", "token_weights"]
+__all__ = [
+    "TOKEN_FIELDS",
+    "BatchingArgs",
+    "MicroBatch",
+    "make_micro_batches",
+    "partition_dynamic",
+    "partition_fixed",
+    "token_weights",
+]
+
+# Per-response-token sample values carried to the loss (key in the sample = key in MicroBatch.fields).
+TOKEN_FIELDS = ("advantages", "log_probs", "ref_log_probs", "rollout_log_probs")
 
 
 @dataclass(frozen=True)
@@ -66,13 +81,24 @@ class MicroBatch:
     real_tokens: int
     capacity: int  # token slots this micro-batch occupies (packing efficiency = real / capacity)
     supervised_tokens: int
+    segment_ids: torch.Tensor | None = None  # same shape: index of the sample in this micro-batch, -1 on padding
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # TOKEN_FIELDS present, float32, same shape
+    spans: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, start, length, response_length)
 
     def to(self, device) -> "MicroBatch":
-        for name in ("tokens", "position_ids", "labels", "weights", "cu_seqlens"):
+        for name in ("tokens", "position_ids", "labels", "weights", "cu_seqlens", "segment_ids"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device, non_blocking=True))
+        self.fields = {k: v.to(device, non_blocking=True) for k, v in self.fields.items()}
         return self
+
+    def response_positions(self, i: int) -> tuple[int, slice]:
+        """(row, positions) whose predictions are sample i's response tokens, in order."""
+        row, start, length, resp = self.spans[i]
+        if resp >= length:
+            raise ValueError(f"sample of {length} tokens with response_length {resp}: a response needs a prompt token before it")
+        return row, slice(start + length - resp - 1, start + length - 1)
 
 
 def _full_mask(sample: dict) -> list[int]:
@@ -80,6 +106,27 @@ def _full_mask(sample: dict) -> list[int]:
     if len(mask) != resp or resp > len(tokens):
         raise ValueError(f"sample has {len(tokens)} tokens, response_length {resp}, loss_mask of {len(mask)}")
     return [0] * (len(tokens) - resp) + list(mask)
+
+
+def _position_field(sample: dict, key: str, index: int) -> torch.Tensor:
+    """A per-response-token value moved onto the positions that predict those tokens."""
+    values = torch.as_tensor(sample[key], dtype=torch.float32).flatten()
+    resp, n = sample["response_length"], len(sample["tokens"])
+    if values.numel() != resp:
+        raise ValueError(f"sample {index}: {key!r} has {values.numel()} values, response_length is {resp}")
+    full = torch.cat([values.new_zeros(n - resp), values])
+    return torch.cat([full[1:], values.new_zeros(1)])
+
+
+def _present_fields(samples: list[dict]) -> tuple[str, ...]:
+    keys = []
+    for key in TOKEN_FIELDS:
+        have = [s.get(key) is not None for s in samples]
+        if any(have) and not all(have):
+            raise ValueError(f"{key!r} is set on some samples but missing on sample {have.index(False)}")
+        if all(have):
+            keys.append(key)
+    return tuple(keys)
 
 
 def token_weights(samples: list[dict], per_token: bool, global_supervised: int, global_samples: int) -> list[torch.Tensor]:
@@ -115,7 +162,7 @@ def partition_fixed(n: int, micro_batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
 
 
-def _pack(samples: list[dict], weights: list[torch.Tensor], capacity: int) -> MicroBatch:
+def _pack(samples: list[dict], weights: list[torch.Tensor], capacity: int, fields: list[dict[str, torch.Tensor]]) -> MicroBatch:
     toks, pos, labels, ws, cu = [], [], [], [], [0]
     for s, w in zip(samples, weights):
         t = torch.tensor(s["tokens"], dtype=torch.long)
@@ -136,20 +183,28 @@ def _pack(samples: list[dict], weights: list[torch.Tensor], capacity: int) -> Mi
         real_tokens=cu[-1],
         capacity=max(capacity, cu[-1]),
         supervised_tokens=int(sum(int((w > 0).sum()) for w in ws)),
+        segment_ids=torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)])[None],
+        fields={k: torch.cat([f[k] for f in fields])[None] for k in fields[0]},
+        spans=[(0, cu[i], n, s["response_length"]) for i, (n, s) in enumerate(zip(lengths, samples))],
     )
 
 
-def _pad(samples: list[dict], weights: list[torch.Tensor]) -> MicroBatch:
+def _pad(samples: list[dict], weights: list[torch.Tensor], per_sample_fields: list[dict[str, torch.Tensor]]) -> MicroBatch:
     s_max = max(len(s["tokens"]) for s in samples)
     b = len(samples)
     tokens = torch.zeros(b, s_max, dtype=torch.long)
     labels = torch.zeros(b, s_max, dtype=torch.long)
     ws = torch.zeros(b, s_max, dtype=torch.float64)
-    for i, (s, w) in enumerate(zip(samples, weights)):
+    segment_ids = torch.full((b, s_max), -1, dtype=torch.long)
+    fields = {k: torch.zeros(b, s_max, dtype=torch.float32) for k in per_sample_fields[0]}
+    for i, (s, w, f) in enumerate(zip(samples, weights, per_sample_fields)):
         t = torch.tensor(s["tokens"], dtype=torch.long)
         tokens[i, : len(t)] = t
         labels[i, : len(t) - 1] = t[1:]
         ws[i, : len(t)] = w
+        segment_ids[i, : len(t)] = i
+        for k, v in f.items():
+            fields[k][i, : len(t)] = v
     real = sum(len(s["tokens"]) for s in samples)
     return MicroBatch(
         tokens=tokens,
@@ -162,16 +217,21 @@ def _pad(samples: list[dict], weights: list[torch.Tensor]) -> MicroBatch:
         real_tokens=real,
         capacity=b * s_max,
         supervised_tokens=int((ws > 0).sum()),
+        segment_ids=segment_ids,
+        fields=fields,
+        spans=[(i, 0, len(s["tokens"]), s["response_length"]) for i, s in enumerate(samples)],
     )
 
 
 def make_micro_batches(
     samples: list[dict], args: BatchingArgs, global_supervised: int, global_samples: int
 ) -> list[MicroBatch]:
-    """This rank's micro-batches for one optimizer step."""
+    """This rank's micro-batches for one optimizer step; samples keep their order across them."""
     if not samples:
         return []
     weights = token_weights(samples, args.calculate_per_token_loss, global_supervised, global_samples)
+    keys = _present_fields(samples)
+    fields = [{k: _position_field(s, k, i) for k in keys} for i, s in enumerate(samples)]
     lengths = [len(s["tokens"]) for s in samples]
     if args.use_dynamic_batch_size:
         groups = partition_dynamic(lengths, args.max_tokens_per_gpu)
@@ -179,10 +239,10 @@ def make_micro_batches(
         groups = partition_fixed(len(samples), args.micro_batch_size)
     out = []
     for g in groups:
-        chosen, w = [samples[i] for i in g], [weights[i] for i in g]
+        chosen, w, f = [samples[i] for i in g], [weights[i] for i in g], [fields[i] for i in g]
         if args.qkv_format == "thd":
             cap = args.max_tokens_per_gpu if args.use_dynamic_batch_size else sum(lengths[i] for i in g)
-            out.append(_pack(chosen, w, cap))
+            out.append(_pack(chosen, w, cap, f))
         else:
-            out.append(_pad(chosen, w))
+            out.append(_pad(chosen, w, f))
     return out

@@ -1,4 +1,4 @@
-"""Loss functions selected by ``--loss-type`` (or ``--custom-loss-function-path``).
+"""Loss functions selected by ``--loss-type`` (``custom_loss`` = ``--custom-loss-function-path``).
 
 Signature of every loss (and of a custom one)::
 
@@ -8,18 +8,27 @@ Signature of every loss (and of a custom one)::
 dimension. The returned scalar is this micro-batch's contribution to the global loss; the
 contributions of all micro-batches and DP ranks are summed (see `batching`), so a loss that
 wants a mean must bake the global denominator into ``batch.weights`` as ``sft_loss`` does.
+Metrics follow the same rule (weighted sums that add up to global means); the actor sums
+each key over micro-batches and DP ranks.
+
+All losses share this one packed path, so the equalities of DESIGN.md invariant 1 (packing,
+micro-batching, DP, TP) hold for each of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from slime.backends.megatron_utils.batching import MicroBatch
+from slime.backends.megatron_utils.log_probs import token_entropy, token_log_probs
 
-__all__ = ["LOSSES", "LossContext", "resolve_loss", "sft_loss"]
+if TYPE_CHECKING:
+    from slime.algorithms.config import AlgorithmConfig
+
+__all__ = ["LOSSES", "LossContext", "policy_loss", "resolve_loss", "sft_loss"]
 
 
 @dataclass(frozen=True)
@@ -28,48 +37,74 @@ class LossContext:
 
     vocab_size: the tokenizer's vocabulary; logits beyond it (TP padding) are never predictions.
     vocab_start: first vocabulary index of this TP rank's logits slice.
+    algorithm: the RL algorithm flags (`policy_loss`); None for SFT.
     """
 
     vocab_size: int
     vocab_start: int
-
-
-def _mask_padded_vocab(logits: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-    local = logits.shape[-1]
-    n_real = ctx.vocab_size - ctx.vocab_start
-    if n_real >= local:
-        return logits
-    pad = torch.zeros(local, dtype=torch.bool, device=logits.device)
-    pad[max(n_real, 0) :] = True
-    return logits.masked_fill(pad, float("-inf"))
+    algorithm: "AlgorithmConfig | None" = None
 
 
 def sft_loss(logits: torch.Tensor, batch: MicroBatch, ctx: LossContext):
     """Weighted next-token cross-entropy: sum(ce * weights) (weights from `batching`)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    logits = _mask_padded_vocab(logits.float(), ctx)
-    ce = vocab_parallel_cross_entropy(logits, batch.labels)
-    weights = batch.weights.to(ce.dtype)
-    loss = (ce * weights).sum()
+    logp = token_log_probs(logits, batch.labels, ctx.vocab_size, ctx.vocab_start)
+    loss = -(logp * batch.weights.to(logp.dtype)).sum()
     return loss, {"loss": loss.detach()}
 
 
-def _policy_loss_unavailable(*_):
-    raise NotImplementedError("--loss-type policy_loss belongs to the RL path, which is not built yet")
+def policy_loss(logits: torch.Tensor, batch: MicroBatch, ctx: LossContext):
+    """PPO/GRPO objective of `slime.algorithms.policy.policy_objective` on this micro-batch.
+
+    Needs per-token ``advantages`` and old-policy log-probs in ``batch.fields`` (the engine's
+    ``rollout_log_probs`` with --use-rollout-logprobs, else the actor's ``log_probs``), plus
+    ``ref_log_probs`` for --use-kl-loss and ``rollout_log_probs`` for --use-tis.
+    """
+    from slime.algorithms.policy import policy_objective
+
+    cfg = ctx.algorithm
+    if cfg is None:
+        raise ValueError("policy_loss needs the RL algorithm flags (LossContext.algorithm)")
+    fields = batch.fields
+    old_key = "rollout_log_probs" if cfg.use_rollout_logprobs else "log_probs"
+    for key in ("advantages", old_key):
+        if key not in fields:
+            raise ValueError(f"policy_loss: the samples carry no {key!r} (compute it before the train step)")
+    # Entropy first: megatron's CE kernel overwrites the logits in place (the entropy graph
+    # saves only tensors derived from them, and autograd's version check would catch it
+    # otherwise). The graph is kept only when the entropy term trains; as a metric it costs
+    # no backward memory.
+    if cfg.entropy_coef:
+        entropy = token_entropy(logits, ctx.vocab_size, ctx.vocab_start)
+    else:
+        with torch.no_grad():
+            entropy = token_entropy(logits.detach(), ctx.vocab_size, ctx.vocab_start)
+    logp = token_log_probs(logits, batch.labels, ctx.vocab_size, ctx.vocab_start)
+    return policy_objective(
+        cfg,
+        log_probs=logp,
+        old_log_probs=fields[old_key],
+        advantages=fields["advantages"],
+        weights=batch.weights,
+        entropy=entropy,
+        ref_log_probs=fields.get("ref_log_probs"),
+        rollout_log_probs=fields.get("rollout_log_probs"),
+        segment_ids=batch.segment_ids,
+    )
 
 
-LOSSES: dict[str, Callable] = {"sft_loss": sft_loss, "policy_loss": _policy_loss_unavailable}
+LOSSES: dict[str, Callable] = {"sft_loss": sft_loss, "policy_loss": policy_loss}
 
 
 def resolve_loss(loss_type: str, custom_path: str | None = None) -> Callable:
     """The loss function for the flags, resolved at start-up (a bad name fails before training)."""
+    if loss_type == "custom_loss" and not custom_path:
+        raise ValueError("--loss-type custom_loss needs --custom-loss-function-path")
     if custom_path:
         from slime.utils.plugins import load_function
 
         return load_function(custom_path, "--custom-loss-function-path", ("logits", "batch", "ctx"))
-    if loss_type == "policy_loss":
-        raise ValueError("--loss-type policy_loss is not available yet (RL path); use sft_loss")
     if loss_type not in LOSSES:
-        raise ValueError(f"unknown --loss-type {loss_type!r}; choose from {sorted(LOSSES)} or --custom-loss-function-path")
+        raise ValueError(
+            f"unknown --loss-type {loss_type!r}; choose from {sorted(LOSSES)} or custom_loss with --custom-loss-function-path"
+        )
     return LOSSES[loss_type]
