@@ -159,6 +159,18 @@ async def _run_generate(args, sample: Sample, sampling_params: dict, evaluation:
     return check_generated(path, result)
 
 
+async def _gather_or_cancel(coros) -> list:
+    """``asyncio.gather`` that cancels the siblings when one fails, so no orphan keeps calling the engine."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _finished(sample: Sample) -> bool:
     return sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED, Sample.Status.FAILED)
 
@@ -200,7 +212,7 @@ async def generate_and_rm_group(args, group: list[Sample], sampling_params: dict
         if run is not None and run.cfg.deterministic_seeds and sample.index is not None:
             params["sampling_seed"] = run.cfg.seed + sample.index
         tasks.append(generate_and_rm(args, sample, params, evaluation=evaluation))
-    group = list(await asyncio.gather(*tasks))
+    group = await _gather_or_cancel(tasks)
     flat = flatten_groups([group])
     if getattr(args, "group_rm", False) and not any(s.status == Sample.Status.ABORTED for s in flat):
         for s, reward in zip(flat, await batched_async_rm(args, flat, evaluation=evaluation)):
@@ -264,6 +276,7 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
     leftover: list[list] = []
     dropped: collections.Counter = collections.Counter()
     pending: set = set()
+    done_unread: set = set()
     in_play = rounds = 0
     start = time.perf_counter()
     sampling_params = cfg.sampling_params()
@@ -281,7 +294,9 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
                         pending.add(asyncio.ensure_future(generate_and_rm_group(args, group, sampling_params)))
                     in_play += len(groups)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done_unread = set(done)
                 for task in sorted(done, key=lambda t: flatten_groups([t.result()])[0].index or 0):
+                    done_unread.discard(task)
                     group = task.result()
                     if len(group) != n:
                         raise _group_size_error(args, len(group), n)
@@ -309,7 +324,8 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
         run.aborted = True
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        # Also collects the exceptions of finished tasks nobody looked at (no "never retrieved" noise).
+        await asyncio.gather(*pending, *done_unread, return_exceptions=True)
         try:
             await _abort_engine(run.url)
         except Exception as e:  # the original error matters more
@@ -381,7 +397,7 @@ async def eval_rollout(args, rollout_id: int) -> RolloutFnEvalOutput:
                         index += 1
                         group.append(s)
                     groups.append(group)
-                results = await asyncio.gather(*(generate_and_rm_group(args, g, sampling_params, evaluation=True) for g in groups))
+                results = await _gather_or_cancel(generate_and_rm_group(args, g, sampling_params, evaluation=True) for g in groups)
                 samples = flatten_groups(list(results))
                 elapsed = time.perf_counter() - start
                 data[name] = {

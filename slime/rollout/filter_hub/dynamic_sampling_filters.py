@@ -15,9 +15,10 @@ _MIN_STD = 1e-6
 
 def check_reward_nonzero_std(args, samples: list[Sample], **kwargs) -> DynamicFilterOutput:
     """Keep a group only if its rewards differ (all-correct or all-wrong groups give zero advantage)."""
-    rewards = [float(s.get_reward_value(args)) for s in samples]
-    std = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
+    rewards = [s.get_reward_value(args) for s in samples]
+    std = statistics.pstdev(float(r) for r in rewards) if len(rewards) > 1 else 0.0
     keep = std > _MIN_STD
+    # The reason names the shared value (zero_std_0 / zero_std_1): counted per reason in the metrics.
     return DynamicFilterOutput(keep=keep, reason=None if keep else f"zero_std_{round(rewards[0], 1)}")
 
 

@@ -1,0 +1,1 @@
+"""Runnable example plugins for the RL rollout (see docs/rl.md)."""
