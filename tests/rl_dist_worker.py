@@ -2,14 +2,16 @@
 
     torchrun --nproc-per-node 2 tests/rl_dist_worker.py HF_DIR IN.pt OUT.pt
 
-IN.pt (``torch.save``; read with weights_only=True): {"samples", "algorithm" (AlgorithmConfig
-fields), "per_token"}. Rank 0 writes OUT.pt: for "tp2" and "dp2", the global loss, HF-named
-gradients (float64), the first train step's metrics, and (tp2) the per-sample log-probs and
-entropies of `compute_log_probs`.
+IN.pt (``torch.save``; read with weights_only=True): {"samples" (with ``reward``), "algorithm"
+and "advantage_algorithm" (AlgorithmConfig fields), "per_token"}. Rank 0 writes OUT.pt: for
+"tp2" and "dp2", the global loss, HF-named gradients (float64), the first train step's
+metrics; (tp2) the per-sample log-probs and entropies of `compute_log_probs`; (dp2) rank 0's
+advantages from `compute_advantages` under "advantage_algorithm" and their statistics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -41,6 +43,10 @@ def run(hf_dir: str, inp: str, out: str) -> None:
         full = actor.gather_hf(grads)
         entry.update(loss=loss, grads=None if full is None else {k: v.double() for k, v in full.items()})
         entry["metrics"] = actor.train_step(mine)
+        if tp == 1:  # advantages whitened over both DP ranks' samples
+            actor.loss_ctx = dataclasses.replace(actor.loss_ctx, algorithm=AlgorithmConfig(**spec["advantage_algorithm"]))
+            entry["advantage_stats"] = actor.compute_advantages(mine)
+            entry["advantages"] = [s["advantages"] for s in mine]
         result[name] = entry
         ps.destroy_model_parallel()  # keep the process group: the next layout reuses it
     if actor.info.rank == 0:

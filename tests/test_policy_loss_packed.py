@@ -157,11 +157,15 @@ def test_policy_loss_needs_its_fields(actor, samples):
 
 @pytest.mark.parametrize("algo,per_token", [(FULL, True)], ids=["clip_dual_tis_kl_entropy_per_token"])
 def test_tp2_and_dp2_match_the_formula(tmp_path, samples, algo, per_token):
-    """Vocab-parallel log-probs and entropy (TP=2) and DP-summed gradients and metrics (DP=2)."""
+    """Vocab-parallel log-probs and entropy (TP=2); DP-summed gradients, metrics and advantage
+    whitening (DP=2)."""
+    from slime.algorithms.advantages import compute_advantages
     from slime.algorithms.config import AlgorithmConfig
 
     cfg = AlgorithmConfig(**algo)
-    spec = {"samples": samples, "algorithm": dataclasses.asdict(cfg), "per_token": per_token}
+    adv_cfg = AlgorithmConfig(advantage_estimator="reinforce_plus_plus_baseline", kl_coef=0.05, normalize_advantages=True)
+    with_rewards = [{**s, "reward": float(i % 3) - 1.0} for i, s in enumerate(samples)]
+    spec = {"samples": with_rewards, "algorithm": dataclasses.asdict(cfg), "advantage_algorithm": dataclasses.asdict(adv_cfg), "per_token": per_token}
     torch.save(spec, tmp_path / "in.pt")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
@@ -182,6 +186,13 @@ def test_tp2_and_dp2_match_the_formula(tmp_path, samples, algo, per_token):
         assert_grads_close(entry["grads"], ref_grads, name)
         for key in METRICS + ("tis", "tis_clipfrac"):
             assert entry["metrics"][key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), f"{name}: {key}"
+    # DP=2 advantages (rank 0 holds samples 0, 2, 4...) equal one process whitening all of them.
+    whole = [dict(s) for s in with_rewards]
+    stats = compute_advantages(adv_cfg, whole)
+    for got, s in zip(result["dp2"]["advantages"], whole[::2]):
+        torch.testing.assert_close(got, s["advantages"], rtol=1e-5, atol=1e-6)
+    assert result["dp2"]["advantage_stats"] == pytest.approx(stats, abs=1e-6)
+    assert stats["advantages_mean"] == pytest.approx(0, abs=1e-6) and stats["advantages_std"] == pytest.approx(1, abs=1e-3)
 
 
 def _port() -> int:

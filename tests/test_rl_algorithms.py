@@ -118,38 +118,6 @@ def test_whitening_is_masked_and_spans_all_samples():
         masked_whiten([T(1.0)], [T(0)])
 
 
-def _whiten_rank(rank: int, port: int, values: list, masks: list, out: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=60)  # a rank that dies must not leave the other waiting
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timeout)
-    try:
-        mine = masked_whiten([T(*v) for v in values[rank::2]], [T(*m) for m in masks[rank::2]], dist.group.WORLD)
-        torch.save([t.tolist() for t in mine], f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_whitening_statistics_span_data_parallel_ranks(tmp_path):
-    """Two gloo ranks, each whitening its own samples with the group: same as one process on all."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    values = [[1.0, 5.0], [2.0], [7.0, -1.0, 0.5], [3.0]]
-    masks = [[1, 0], [1], [1, 1, 1], [1]]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_whiten_rank, args=(port, values, masks, str(tmp_path / "w")), nprocs=2, start_method="spawn", join=True)
-    whole = masked_whiten([T(*v) for v in values], [T(*m) for m in masks])
-    got = {0: torch.load(tmp_path / "w.0", weights_only=True), 1: torch.load(tmp_path / "w.1", weights_only=True)}
-    for i, expected in enumerate(whole):
-        assert got[i % 2][i // 2] == approx(expected.tolist())
-
-
 # ------------------------------------------------------------------ KL
 @pytest.mark.parametrize(
     "kl_type,r,expected",

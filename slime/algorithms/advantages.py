@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "compute_advantages",
     "discounted_returns",
+    "masked_moments",
     "masked_whiten",
     "normalize_group_rewards",
     "post_process_rewards",
@@ -78,24 +79,36 @@ def discounted_returns(token_rewards: torch.Tensor, gamma: float) -> torch.Tenso
     return out
 
 
-def masked_whiten(values: list[torch.Tensor], masks: list[torch.Tensor], process_group=None) -> list[torch.Tensor]:
-    """(x - mean) / sqrt(var + 1e-8) with mean and unbiased var over the masked entries of every
-    tensor here and, with ``process_group``, on every rank of it (all ranks must call)."""
+def masked_moments(
+    values: list[torch.Tensor], masks: list[torch.Tensor], process_group=None, device=None
+) -> tuple[float, float, float]:
+    """(mean, unbiased variance, count) of the masked entries of every tensor here and, with
+    ``process_group``, on every rank of it (all ranks must call; ``device`` is where the
+    collective runs, e.g. the GPU for NCCL)."""
     flat_v = torch.cat([v.double().flatten() for v in values]) if values else torch.zeros(0, dtype=torch.float64)
     flat_m = torch.cat([m.double().flatten() for m in masks]) if masks else torch.zeros(0, dtype=torch.float64)
     stats = torch.stack([(flat_v * flat_m).sum(), (flat_v * flat_v * flat_m).sum(), flat_m.sum()])
     if process_group is not None:
         import torch.distributed as dist
 
+        stats = stats.to(device) if device is not None else stats
         dist.all_reduce(stats, group=process_group)
     total, total_sq, count = stats.tolist()
     if count == 0:
-        raise ValueError("--normalize-advantages: the rollout has no supervised token to whiten over")
+        return 0.0, 0.0, 0.0
     mean = total / count
-    var = total_sq / count - mean * mean
+    var = max(total_sq / count - mean * mean, 0.0)
     if count >= 2:
         var *= count / (count - 1)
-    scale = 1.0 / (max(var, 0.0) + WHITEN_EPS) ** 0.5
+    return mean, var, count
+
+
+def masked_whiten(values: list[torch.Tensor], masks: list[torch.Tensor], process_group=None, device=None) -> list[torch.Tensor]:
+    """(x - mean) / sqrt(var + 1e-8) with the `masked_moments` of all ranks of ``process_group``."""
+    mean, var, count = masked_moments(values, masks, process_group, device)
+    if count == 0:
+        raise ValueError("--normalize-advantages: the rollout has no supervised token to whiten over")
+    scale = 1.0 / (var + WHITEN_EPS) ** 0.5
     return [((v.double() - mean) * scale).to(v.dtype) for v in values]
 
 
@@ -158,10 +171,13 @@ def _estimate(cfg: AlgorithmConfig, data: dict) -> tuple[list[torch.Tensor], lis
     return returns, returns
 
 
-def compute_advantages(cfg: AlgorithmConfig, samples: list[dict], process_group=None) -> None:
+def compute_advantages(cfg: AlgorithmConfig, samples: list[dict], process_group=None, device=None) -> dict[str, float]:
     """Write ``advantages`` and ``returns`` into every sample (see the module docstring).
 
-    ``process_group``: the data-parallel group, for --normalize-advantages over the whole rollout.
+    ``process_group`` / ``device``: the data-parallel group (and the device its collectives
+    need), so that --normalize-advantages and the returned statistics cover the whole rollout.
+    Returns ``advantages_mean`` / ``advantages_std`` over the supervised tokens (after
+    normalization) and ``returns_mean``.
     """
     data = _rollout_data(cfg, samples)
     if cfg.custom_advantage_function_path:
@@ -181,7 +197,10 @@ def compute_advantages(cfg: AlgorithmConfig, samples: list[dict], process_group=
     if len(advantages) != len(samples):
         raise ValueError(f"{len(advantages)} advantage lists for {len(samples)} samples")
     if cfg.normalize_advantages:
-        advantages = masked_whiten(advantages, data["loss_masks"], process_group)
+        advantages = masked_whiten(advantages, data["loss_masks"], process_group, device)
     for s, a, r in zip(samples, advantages, returns):
         s["advantages"] = a.float()
         s["returns"] = r.float()
+    adv_mean, adv_var, _ = masked_moments(advantages, data["loss_masks"], process_group, device)
+    ret_mean, _, _ = masked_moments(returns, data["loss_masks"], process_group, device)
+    return {"advantages_mean": adv_mean, "advantages_std": adv_var**0.5, "returns_mean": ret_mean}

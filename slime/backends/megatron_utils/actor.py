@@ -320,6 +320,17 @@ class MegatronActor:
                     out[key].append(values[row, cols].float().cpu())
         return out
 
+    def compute_advantages(self, samples: list[dict]) -> dict[str, float]:
+        """--advantage-estimator on this rank's samples (``reward`` set, log-probs as needed);
+        whitening and the returned statistics span the DP group. Every DP rank must call it."""
+        from megatron.core import parallel_state as ps
+
+        from slime.algorithms.advantages import compute_advantages
+
+        if self.loss_ctx.algorithm is None:
+            raise ValueError("compute_advantages needs the RL algorithm flags (MegatronActor(..., algorithm=...))")
+        return compute_advantages(self.loss_ctx.algorithm, samples, ps.get_data_parallel_group(), self.info.device)
+
     @torch.no_grad()
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Full-vocabulary logits of one sequence (gathered over TP), for parity checks."""
