@@ -185,3 +185,12 @@ def test_call_rollout_fn_wraps_legacy_results_and_checks_them():
     assert isinstance(ev, RolloutFnEvalOutput) and ev.data["set"]["rewards"] == [1.0]
     with pytest.raises(TypeError, match=r"bad_rollout: samples\[1\] holds a str"):
         call_rollout_fn(bad_rollout, None, 0, None, evaluation=False)
+
+
+def eval_output_always(args, rollout_id, data_source, evaluation=False):
+    return RolloutFnEvalOutput(data={})
+
+
+def test_call_rollout_fn_rejects_the_wrong_output_kind():
+    with pytest.raises(TypeError, match="returned a RolloutFnEvalOutput for a training call"):
+        call_rollout_fn(eval_output_always, None, 0, None, evaluation=False)

@@ -69,20 +69,13 @@ def call_rollout_fn(fn: Callable, *args, evaluation: bool, **kwargs) -> RolloutF
     raises TypeError naming the function.
     """
     output = fn(*args, **kwargs, evaluation=evaluation)
-    if evaluation:
-        if isinstance(output, RolloutFnTrainOutput):
-            raise TypeError(f"rollout function {_name(fn)} returned a train output for an evaluation call")
-        if not isinstance(output, RolloutFnEvalOutput):
-            output = RolloutFnEvalOutput(data=output)
-        if output.metrics is None:
-            output.metrics = {}
-        _check_eval(fn, output)
-    else:
-        if isinstance(output, RolloutFnEvalOutput):
-            raise TypeError(f"rollout function {_name(fn)} returned an eval output for a training call")
-        if not isinstance(output, RolloutFnTrainOutput):
-            output = RolloutFnTrainOutput(samples=output)
-        if output.metrics is None:
-            output.metrics = {}
-        _check_train(fn, output)
+    wanted, other = (RolloutFnEvalOutput, RolloutFnTrainOutput) if evaluation else (RolloutFnTrainOutput, RolloutFnEvalOutput)
+    if isinstance(output, other):
+        kind = "an evaluation" if evaluation else "a training"
+        raise TypeError(f"rollout function {_name(fn)} returned a {other.__name__} for {kind} call")
+    if not isinstance(output, wanted):
+        output = RolloutFnEvalOutput(data=output) if evaluation else RolloutFnTrainOutput(samples=output)
+    if output.metrics is None:
+        output.metrics = {}
+    (_check_eval if evaluation else _check_train)(fn, output)
     return output
