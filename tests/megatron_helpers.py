@@ -76,7 +76,8 @@ def synthetic_samples(n: int, vocab: int, seed: int = 0) -> list[dict]:
         resp = int(torch.randint(6, length - 4, (1,), generator=g))
         mask = (torch.rand(resp, generator=g) > 0.2).long()
         mask[0] = 1  # every sample supervises something
-        out.append({"tokens": torch.randint(0, vocab, (length,), generator=g).tolist(), "loss_mask": mask.tolist(), "response_length": resp})
+        tokens = torch.randint(0, vocab, (length,), generator=g).tolist()
+        out.append({"tokens": tokens, "loss_mask": mask.tolist(), "response_length": resp})
     return out
 
 

@@ -24,7 +24,9 @@ FULL = dict(
     eps_clip=0.2, eps_clip_high=0.28, eps_clip_c=1.5, entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1,
     kl_loss_type="k3", use_tis=True, tis_clip=1.2, tis_clip_low=0.8,
 )
-GSPO = dict(advantage_estimator="gspo", eps_clip=0.02, eps_clip_high=0.03, use_kl_loss=True, kl_loss_coef=0.05, kl_loss_type="low_var_kl")
+GSPO = dict(
+    advantage_estimator="gspo", eps_clip=0.02, eps_clip_high=0.03, use_kl_loss=True, kl_loss_coef=0.05, kl_loss_type="low_var_kl"
+)
 
 LAYOUTS = {
     "thd_dynamic": dict(use_dynamic_batch_size=True, max_tokens_per_gpu=160),
@@ -68,7 +70,7 @@ def assert_grads_close(ours: dict, ref: dict, name: str) -> None:
         torch.testing.assert_close(g.double(), ref[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
 
 
-@pytest.mark.parametrize("algo,per_token", [(FULL, True), (GSPO, False)], ids=["clip_dual_tis_kl_entropy_per_token", "gspo_per_sample"])
+@pytest.mark.parametrize("algo,per_token", [(FULL, True), (GSPO, False)], ids=["full_per_token", "gspo_per_sample"])
 def test_policy_loss_matches_formula_for_every_layout(actor, samples, algo, per_token):
     from slime.algorithms.config import AlgorithmConfig
     from slime.backends.megatron_utils.batching import BatchingArgs
@@ -115,7 +117,8 @@ def test_a_step_moves_log_probs_along_the_advantages(actor, samples):
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
 
     batching = BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=400, calculate_per_token_loss=True)
-    sgd = build_actor(TINY, batching, N_SAMPLES, "policy_loss", AlgorithmConfig(), optim=OptimizerArgs(optimizer="sgd", lr=0.5, weight_decay=0.0))
+    optim = OptimizerArgs(optimizer="sgd", lr=0.5, weight_decay=0.0)
+    sgd = build_actor(TINY, batching, N_SAMPLES, "policy_loss", AlgorithmConfig(), optim=optim)
     masks = [torch.tensor(s["loss_mask"], dtype=torch.bool) for s in samples]
 
     def mean_gain(signs):
@@ -155,7 +158,7 @@ def test_policy_loss_needs_its_fields(actor, samples):
         actor.gradients(short)
 
 
-@pytest.mark.parametrize("algo,per_token", [(FULL, True)], ids=["clip_dual_tis_kl_entropy_per_token"])
+@pytest.mark.parametrize("algo,per_token", [(FULL, True)], ids=["full_per_token"])
 def test_tp2_and_dp2_match_the_formula(tmp_path, samples, algo, per_token):
     """Vocab-parallel log-probs and entropy (TP=2); DP-summed gradients, metrics and advantage
     whitening (DP=2)."""
@@ -165,7 +168,12 @@ def test_tp2_and_dp2_match_the_formula(tmp_path, samples, algo, per_token):
     cfg = AlgorithmConfig(**algo)
     adv_cfg = AlgorithmConfig(advantage_estimator="reinforce_plus_plus_baseline", kl_coef=0.05, normalize_advantages=True)
     with_rewards = [{**s, "reward": float(i % 3) - 1.0} for i, s in enumerate(samples)]
-    spec = {"samples": with_rewards, "algorithm": dataclasses.asdict(cfg), "advantage_algorithm": dataclasses.asdict(adv_cfg), "per_token": per_token}
+    spec = {
+        "samples": with_rewards,
+        "algorithm": dataclasses.asdict(cfg),
+        "advantage_algorithm": dataclasses.asdict(adv_cfg),
+        "per_token": per_token,
+    }
     torch.save(spec, tmp_path / "in.pt")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),

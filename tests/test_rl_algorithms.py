@@ -85,8 +85,10 @@ def test_reinforce_plus_plus_baseline_subtracts_kl():
 
 
 def test_kl_shaping_uses_rollout_log_probs_when_they_are_the_old_policy():
-    cfg = AlgorithmConfig(advantage_estimator="reinforce_plus_plus_baseline", kl_coef=1.0, normalize_advantages=True, use_rollout_logprobs=True)
-    s = _sample(0.0, [1, 1, 1], log_probs=[9.0, 9.0, 9.0], rollout_log_probs=[-1.0, -2.0, -0.5], ref_log_probs=[-1.5, -2.0, -1.0])
+    cfg = AlgorithmConfig(
+        advantage_estimator="reinforce_plus_plus_baseline", kl_coef=1.0, normalize_advantages=True, use_rollout_logprobs=True
+    )
+    s = _sample(0.0, [1, 1, 1], log_probs=[9.0, 9.0, 9.0], rollout_log_probs=KL_FIELDS["log_probs"], ref_log_probs=KL_FIELDS["ref_log_probs"])
     s_no_kl = dict(s)
     compute_advantages(cfg, [s])
     assert s["returns"].tolist() == approx([-0.5, 0.0, -0.5])
@@ -97,9 +99,12 @@ def test_kl_shaping_uses_rollout_log_probs_when_they_are_the_old_policy():
 
 def custom_advantages(args, rollout_data):
     """A slime-style plugin: advantage = reward * position index; reads flags off ``args``."""
-    rollout_data["advantages"] = [
-        torch.arange(len(m), dtype=torch.float32) * r * args.gamma for r, m in zip(rollout_data["rewards"], rollout_data["loss_masks"])
-    ]
+    pairs = zip(rollout_data["rewards"], rollout_data["loss_masks"])
+    rollout_data["advantages"] = [torch.arange(len(m), dtype=torch.float32) * r * args.gamma for r, m in pairs]
+
+
+def custom_advantages_too_short(args, rollout_data):
+    rollout_data["advantages"] = [torch.zeros(1) for _ in rollout_data["rewards"]]
 
 
 def test_custom_advantage_function_replaces_the_estimator():
@@ -107,6 +112,9 @@ def test_custom_advantage_function_replaces_the_estimator():
     s = _sample(2.0, [1, 1, 1])
     compute_advantages(cfg, [s])
     assert s["advantages"].tolist() == [0.0, 1.0, 2.0]
+    bad = AlgorithmConfig(custom_advantage_function_path="test_rl_algorithms.custom_advantages_too_short")
+    with pytest.raises(ValueError, match="sample 0 got 1 advantages, response_length is 3"):
+        compute_advantages(bad, [_sample(2.0, [1, 1, 1])])
 
 
 def test_whitening_is_masked_and_spans_all_samples():
@@ -292,13 +300,16 @@ def test_flags_join_the_trainer_parser():
     assert AlgorithmConfig.from_args(args).eps_clip_c == 3.0
 
 
+RPP_BASE = dict(advantage_estimator="reinforce_plus_plus_baseline", normalize_advantages=True)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         (dict(advantage_estimator="ppo"), "ppo needs a critic"),
         (dict(kl_coef=0.1), "--kl-coef shapes rewards for reinforce_plus_plus"),
         (dict(kl_loss_coef=0.1), "--kl-loss-coef has no effect without --use-kl-loss"),
-        (dict(advantage_estimator="reinforce_plus_plus_baseline", normalize_advantages=True, kl_coef=0.1, use_kl_loss=True, kl_loss_coef=0.1), "only one of --kl-coef"),
+        (dict(RPP_BASE, kl_coef=0.1, use_kl_loss=True, kl_loss_coef=0.1), "only one of --kl-coef"),
         (dict(advantage_estimator="reinforce_plus_plus"), "needs --normalize-advantages"),
         (dict(eps_clip_c=1.0), "--eps-clip-c"),
         (dict(eps_clip=1.5), "--eps-clip must be"),

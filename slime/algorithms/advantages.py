@@ -103,7 +103,9 @@ def masked_moments(
     return mean, var, count
 
 
-def masked_whiten(values: list[torch.Tensor], masks: list[torch.Tensor], process_group=None, device=None) -> list[torch.Tensor]:
+def masked_whiten(
+    values: list[torch.Tensor], masks: list[torch.Tensor], process_group=None, device=None
+) -> list[torch.Tensor]:
     """(x - mean) / sqrt(var + 1e-8) with the `masked_moments` of all ranks of ``process_group``."""
     mean, var, count = masked_moments(values, masks, process_group, device)
     if count == 0:
@@ -118,7 +120,8 @@ def _token_field(sample: dict, key: str, index: int) -> torch.Tensor:
         raise ValueError(f"sample {index} has no {key!r} (needed by the advantage estimator)")
     t = torch.as_tensor(value, dtype=torch.float32).flatten()
     if t.numel() != sample["response_length"]:
-        raise ValueError(f"sample {index}: {key!r} has {t.numel()} values, response_length is {sample['response_length']}")
+        resp = sample["response_length"]
+        raise ValueError(f"sample {index}: {key!r} has {t.numel()} values, response_length is {resp}")
     return t
 
 
@@ -130,7 +133,8 @@ def _rollout_data(cfg: AlgorithmConfig, samples: list[dict]) -> dict:
             raise ValueError(f"sample {i} has no 'reward'")
         mask = torch.as_tensor(s["loss_mask"], dtype=torch.float32)
         if mask.numel() != s["response_length"]:
-            raise ValueError(f"sample {i}: loss_mask has {mask.numel()} values, response_length is {s['response_length']}")
+            resp = s["response_length"]
+            raise ValueError(f"sample {i}: loss_mask has {mask.numel()} values, response_length is {resp}")
         masks.append(mask)
         rewards.append(float(s["reward"]))
     data = {
@@ -183,7 +187,8 @@ def compute_advantages(cfg: AlgorithmConfig, samples: list[dict], process_group=
     if cfg.custom_advantage_function_path:
         from slime.utils.plugins import load_function
 
-        fn = load_function(cfg.custom_advantage_function_path, "--custom-advantage-function-path", ("args", "rollout_data"))
+        flag = "--custom-advantage-function-path"
+        fn = load_function(cfg.custom_advantage_function_path, flag, ("args", "rollout_data"))
         fn(cfg, data)
         if "advantages" not in data:
             raise ValueError("--custom-advantage-function-path: the function did not set rollout_data['advantages']")
@@ -191,7 +196,8 @@ def compute_advantages(cfg: AlgorithmConfig, samples: list[dict], process_group=
         returns = [torch.as_tensor(r, dtype=torch.float32).flatten() for r in data.get("returns", advantages)]
         for i, (a, s) in enumerate(zip(advantages, samples)):
             if a.numel() != s["response_length"]:
-                raise ValueError(f"custom advantages of sample {i}: {a.numel()} values, response_length {s['response_length']}")
+                resp = s["response_length"]
+                raise ValueError(f"{flag}: sample {i} got {a.numel()} advantages, response_length is {resp}")
     else:
         advantages, returns = _estimate(cfg, data)
     if len(advantages) != len(samples):

@@ -42,11 +42,9 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="grpo | gspo (sequence-level ratio) | reinforce_plus_plus | reinforce_plus_plus_baseline; "
         "ppo needs a critic, which is not built (refused)",
     )
-    g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip: ratio kept in [1 - eps_clip, 1 + eps_clip_high]")
-    g.add_argument("--eps-clip-high", type=float, default=None, help="upper clip (DAPO clip-higher); default --eps-clip")
-    g.add_argument(
-        "--eps-clip-c", type=float, default=None, help="dual-clip PPO bound (> 1): negative-advantage loss capped at -c * A"
-    )
+    g.add_argument("--eps-clip", type=float, default=0.2, help="PPO ratio kept in [1 - eps-clip, 1 + eps-clip-high]")
+    g.add_argument("--eps-clip-high", type=float, default=None, help="upper clip (DAPO clip-higher); default: eps-clip")
+    g.add_argument("--eps-clip-c", type=float, default=None, help="dual clip (> 1): loss at A < 0 capped at -c * A")
     g.add_argument("--use-kl-loss", action="store_true", help="add kl(actor || reference) to the loss (GRPO's KL term)")
     g.add_argument("--kl-loss-coef", type=float, default=0.0, help="weight of the KL loss term (needs --use-kl-loss)")
     g.add_argument("--kl-loss-type", choices=KL_TYPES, default="k1", help="KL estimator for the loss and for --kl-coef")
@@ -58,7 +56,7 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     )
     g.add_argument("--entropy-coef", type=float, default=0.0, help="loss -= entropy_coef * mean token entropy")
     g.add_argument("--gamma", type=float, default=1.0, help="discount of reinforce_plus_plus returns")
-    g.add_argument("--normalize-advantages", action="store_true", help="whiten advantages over the rollout's tokens (all DP ranks)")
+    g.add_argument("--normalize-advantages", action="store_true", help="whiten advantages over the rollout's tokens")
     g.add_argument(
         "--disable-grpo-std-normalization",
         action="store_false",
@@ -138,7 +136,7 @@ class AlgorithmConfig:
                 "use grpo, gspo, reinforce_plus_plus or reinforce_plus_plus_baseline"
             )
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"--advantage-estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
+            raise ValueError(f"--advantage-estimator {self.advantage_estimator!r} is not one of {ADVANTAGE_ESTIMATORS}")
         if not 0 <= self.eps_clip < 1:
             raise ValueError(f"--eps-clip must be in [0, 1), got {self.eps_clip}")
         if self.eps_clip_high is not None and self.eps_clip_high < 0:
@@ -148,7 +146,7 @@ class AlgorithmConfig:
         if self.kl_loss_type not in KL_TYPES:
             raise ValueError(f"--kl-loss-type must be one of {KL_TYPES}, got {self.kl_loss_type!r}")
         if self.kl_loss_coef and not self.use_kl_loss:
-            raise ValueError("--kl-loss-coef has no effect without --use-kl-loss; add --use-kl-loss or drop the coefficient")
+            raise ValueError("--kl-loss-coef has no effect without --use-kl-loss; add --use-kl-loss or drop it")
         if self.kl_coef and self.kl_loss_coef:
             raise ValueError("set only one of --kl-coef (reward shaping) and --kl-loss-coef (loss term)")
         if self.kl_coef and self.advantage_estimator in ("grpo", "gspo"):
@@ -157,7 +155,7 @@ class AlgorithmConfig:
                 "use --use-kl-loss --kl-loss-coef"
             )
         if self.advantage_estimator.startswith("reinforce_plus_plus") and not self.normalize_advantages:
-            raise ValueError(f"--advantage-estimator {self.advantage_estimator} needs --normalize-advantages (as in slime)")
+            raise ValueError(f"--advantage-estimator {self.advantage_estimator} needs --normalize-advantages")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"--gamma must be in (0, 1], got {self.gamma}")
         if self.use_tis and self.use_rollout_logprobs:

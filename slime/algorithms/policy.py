@@ -30,7 +30,11 @@ __all__ = ["clipped_surrogate", "entropy_from_logits", "policy_objective", "sequ
 
 
 def clipped_surrogate(
-    log_ratio: torch.Tensor, advantages: torch.Tensor, eps_clip: float, eps_clip_high: float, eps_clip_c: float | None = None
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_clip: float,
+    eps_clip_high: float,
+    eps_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token loss, clipped indicator, dual-clipped indicator) of the PPO surrogate.
 
@@ -113,7 +117,8 @@ def policy_objective(
         if segment_ids is None:
             raise ValueError("gspo needs segment_ids to form per-sequence ratios")
         log_ratio = sequence_mean(log_ratio, w > 0, segment_ids)
-    pg, clip_frac, dual_frac = clipped_surrogate(log_ratio, advantages.to(log_probs.dtype), cfg.eps_clip, cfg.clip_high, cfg.eps_clip_c)
+    adv = advantages.to(log_probs.dtype)
+    pg, clip_frac, dual_frac = clipped_surrogate(log_ratio, adv, cfg.eps_clip, cfg.clip_high, cfg.eps_clip_c)
     metrics: dict[str, torch.Tensor] = {}
     if cfg.use_tis:
         if rollout_log_probs is None:
@@ -125,7 +130,9 @@ def policy_objective(
         metrics["train_rollout_logprob_abs_diff"] = reduce((old - rollout_log_probs.to(old.dtype)).abs())
     pg_loss = reduce(pg)
     loss = pg_loss
-    metrics.update(pg_loss=pg_loss, pg_clipfrac=reduce(clip_frac), pg_dualclipfrac=reduce(dual_frac), ppo_kl=reduce(-log_ratio))
+    metrics.update(
+        pg_loss=pg_loss, pg_clipfrac=reduce(clip_frac), pg_dualclipfrac=reduce(dual_frac), ppo_kl=reduce(-log_ratio)
+    )
     if entropy is not None:
         entropy_mean = reduce(entropy.to(log_probs.dtype))
         metrics["entropy"] = entropy_mean

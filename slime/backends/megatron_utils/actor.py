@@ -228,7 +228,8 @@ class MegatronActor:
         # Loss metrics are weighted sums (global denominators baked in): summing them over
         # micro-batches and DP ranks gives the global means.
         keys = sorted({k for d in losses for k in d})
-        sums = self._dp_sum([float(sum(d.get(k, 0.0) for d in losses)) for k in keys] + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs)])
+        per_key = [float(sum(d.get(k, 0.0) for d in losses)) for k in keys]
+        sums = self._dp_sum(per_key + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs)])
         loss_metrics, (real, capacity) = dict(zip(keys, sums[: len(keys)])), sums[len(keys) :]
         elapsed = time.perf_counter() - start
         return {

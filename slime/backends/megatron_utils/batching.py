@@ -97,7 +97,7 @@ class MicroBatch:
         """(row, positions) whose predictions are sample i's response tokens, in order."""
         row, start, length, resp = self.spans[i]
         if resp >= length:
-            raise ValueError(f"sample of {length} tokens with response_length {resp}: a response needs a prompt token before it")
+            raise ValueError(f"sample of {length} tokens, response_length {resp}: no prompt token before the response")
         return row, slice(start + length - resp - 1, start + length - 1)
 
 
@@ -162,7 +162,9 @@ def partition_fixed(n: int, micro_batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
 
 
-def _pack(samples: list[dict], weights: list[torch.Tensor], capacity: int, fields: list[dict[str, torch.Tensor]]) -> MicroBatch:
+def _pack(
+    samples: list[dict], weights: list[torch.Tensor], capacity: int, fields: list[dict[str, torch.Tensor]]
+) -> MicroBatch:
     toks, pos, labels, ws, cu = [], [], [], [], [0]
     for s, w in zip(samples, weights):
         t = torch.tensor(s["tokens"], dtype=torch.long)
@@ -189,22 +191,22 @@ def _pack(samples: list[dict], weights: list[torch.Tensor], capacity: int, field
     )
 
 
-def _pad(samples: list[dict], weights: list[torch.Tensor], per_sample_fields: list[dict[str, torch.Tensor]]) -> MicroBatch:
+def _pad(samples: list[dict], weights: list[torch.Tensor], fields: list[dict[str, torch.Tensor]]) -> MicroBatch:
     s_max = max(len(s["tokens"]) for s in samples)
     b = len(samples)
     tokens = torch.zeros(b, s_max, dtype=torch.long)
     labels = torch.zeros(b, s_max, dtype=torch.long)
     ws = torch.zeros(b, s_max, dtype=torch.float64)
     segment_ids = torch.full((b, s_max), -1, dtype=torch.long)
-    fields = {k: torch.zeros(b, s_max, dtype=torch.float32) for k in per_sample_fields[0]}
-    for i, (s, w, f) in enumerate(zip(samples, weights, per_sample_fields)):
+    padded = {k: torch.zeros(b, s_max, dtype=torch.float32) for k in fields[0]}
+    for i, (s, w, f) in enumerate(zip(samples, weights, fields)):
         t = torch.tensor(s["tokens"], dtype=torch.long)
         tokens[i, : len(t)] = t
         labels[i, : len(t) - 1] = t[1:]
         ws[i, : len(t)] = w
         segment_ids[i, : len(t)] = i
         for k, v in f.items():
-            fields[k][i, : len(t)] = v
+            padded[k][i, : len(t)] = v
     real = sum(len(s["tokens"]) for s in samples)
     return MicroBatch(
         tokens=tokens,
@@ -218,7 +220,7 @@ def _pad(samples: list[dict], weights: list[torch.Tensor], per_sample_fields: li
         capacity=b * s_max,
         supervised_tokens=int((ws > 0).sum()),
         segment_ids=segment_ids,
-        fields=fields,
+        fields=padded,
         spans=[(i, 0, len(s["tokens"]), s["response_length"]) for i, s in enumerate(samples)],
     )
 

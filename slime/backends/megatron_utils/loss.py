@@ -105,6 +105,7 @@ def resolve_loss(loss_type: str, custom_path: str | None = None) -> Callable:
         return load_function(custom_path, "--custom-loss-function-path", ("logits", "batch", "ctx"))
     if loss_type not in LOSSES:
         raise ValueError(
-            f"unknown --loss-type {loss_type!r}; choose from {sorted(LOSSES)} or custom_loss with --custom-loss-function-path"
+            f"unknown --loss-type {loss_type!r}; choose from {sorted(LOSSES)} "
+            "or custom_loss with --custom-loss-function-path"
         )
     return LOSSES[loss_type]
