@@ -34,7 +34,7 @@ LAYOUTS = {
     "sbhd_mbs1_unpacked": dict(qkv_format="sbhd", micro_batch_size=1),
     "sbhd_mbs4_padded": dict(qkv_format="sbhd", micro_batch_size=4),
 }
-METRICS = ("loss", "pg_loss", "pg_clipfrac", "pg_dualclipfrac", "ppo_kl", "entropy", "kl_loss")
+METRICS = ("loss", "pg_loss", "pg_clipfrac", "pg_dualclipfrac", "ppo_kl", "ppo_ratio", "entropy", "kl_loss")
 
 
 @pytest.fixture(scope="module")

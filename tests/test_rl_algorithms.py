@@ -243,6 +243,7 @@ def test_policy_objective_by_hand():
     assert m["pg_loss"].item() == approx(0.9)
     assert m["pg_clipfrac"].item() == approx(1.0)
     assert m["ppo_kl"].item() == approx(0.25 * -LN(1.5) + 0.75 * -LN(0.5))  # 0.418494
+    assert m["ppo_ratio"].item() == approx(0.25 * 1.5 + 0.75 * 0.5)
     assert m["entropy"].item() == approx(1.75)
     assert m["kl_loss"].item() == approx(0.25 * LN(1.5) + 0.75 * LN(0.5))  # k1 vs ref 0: -0.418494
     assert m["tis"].item() == approx(0.25 + 0.75 * 4) and m["tis_clipfrac"].item() == approx(0.75)

@@ -102,9 +102,12 @@ def policy_objective(
 
     ``segment_ids`` (sample index per position, -1 for none) is needed by gspo.
     ``rollout_log_probs`` is needed by --use-tis and gives the mismatch metric when present.
-    Metrics: pg_loss, pg_clipfrac, pg_dualclipfrac, ppo_kl (old - new; its mean is the
-    first-order KL(old || new)), entropy, kl_loss, tis, tis_clipfrac, tis_abs,
-    train_rollout_logprob_abs_diff (|old - rollout|), loss.
+    Metrics (means over the tokens, or samples, that the weights define): pg_loss,
+    pg_clipfrac / pg_dualclipfrac (fractions of tokens on the clipped / dual-clipped branch),
+    ppo_kl (old - new log-prob, nats; estimates KL(old || new)), ppo_ratio (pi / pi_old),
+    entropy (nats), kl_loss (the --kl-loss-type estimate vs the reference), tis (the
+    untruncated exp(old - rollout)), tis_clipfrac, tis_abs (|tis - 1|),
+    train_rollout_logprob_abs_diff (|old - rollout| log-prob, nats), loss.
     """
     w = weights.to(log_probs.dtype)
 
@@ -131,7 +134,11 @@ def policy_objective(
     pg_loss = reduce(pg)
     loss = pg_loss
     metrics.update(
-        pg_loss=pg_loss, pg_clipfrac=reduce(clip_frac), pg_dualclipfrac=reduce(dual_frac), ppo_kl=reduce(-log_ratio)
+        pg_loss=pg_loss,
+        pg_clipfrac=reduce(clip_frac),
+        pg_dualclipfrac=reduce(dual_frac),
+        ppo_kl=reduce(-log_ratio),
+        ppo_ratio=reduce(log_ratio.detach().exp()),
     )
     if entropy is not None:
         entropy_mean = reduce(entropy.to(log_probs.dtype))
