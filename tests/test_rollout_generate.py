@@ -213,3 +213,33 @@ def test_engine_errors_are_clear(tmp_path):
         source.add_samples([group])
         with pytest.raises(Exception, match=r"/generate -> HTTP 400"):
             generate_rollout(args, 0, source)
+
+
+def test_fallback_filter_keeps_rejected_groups_instead_of_another_round(tmp_path, caplog):
+    with FakeSGLang(lambda ids, p: FakeReply("\\boxed{5}")) as srv:  # every group all-wrong: zero std
+        args = make_args(
+            prompts(tmp_path, ["a", "b", "c", "d"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "2",
+            "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std_with_fallback",
+        )
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+    assert out.metrics["rollout/sampling_rounds"] == 1 and out.metrics["rollout/dropped_groups"] == 0
+    assert [g[0].group_index for g in out.samples] == [0, 1]
+
+
+def test_a_filter_that_drops_everything_is_reported(tmp_path, caplog):
+    # Batch 1 of 3 prompts: 4 drops trigger the warning, then a mixed group finally fills the batch.
+    calls = {"n": 0}
+
+    def responder(ids, payload):
+        calls["n"] += 1
+        return FakeReply("\\boxed{4}" if calls["n"] > 8 and payload["sampling_params"]["sampling_seed"] % 2 else "\\boxed{5}")
+
+    with FakeSGLang(responder) as srv, caplog.at_level("WARNING"):
+        args = make_args(
+            prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "2",
+            "--rollout-batch-size", "1", "--rollout-deterministic-seeds",
+            "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+        )
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+    assert out.metrics["rollout/dropped_groups"] == 4 and out.metrics["rollout/sampling_rounds"] == 5
+    assert "4 groups dropped so far {'zero_std_0': 4}, 0 of 1 kept" in caplog.text

@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 # Re-send the abort while aborted requests are still running: a request that raced past the
 # first abort (sent just before it) must not run on to its full length.
 ABORT_RESEND_S = 2.0
+# Warn each time this many batches' worth of groups has been dropped by the dynamic filter.
+DROP_WARN_EVERY = 4
 
 
 class RolloutAborted(Exception):
@@ -315,6 +317,12 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
                     if not verdict.keep and not (verdict.keep_when_insufficient and in_play <= target):
                         dropped[verdict.reason or "filtered"] += 1
                         in_play -= 1
+                        if sum(dropped.values()) % (DROP_WARN_EVERY * target) == 0:
+                            # A filter that rejects (almost) everything would otherwise spin silently.
+                            logger.warning(
+                                "rollout %d: %d groups dropped so far %s, %d of %d kept; check the filter or the data",
+                                rollout_id, sum(dropped.values()), dict(dropped), len(kept), target,
+                            )
                         continue
                     kept.append(group)
             leftover.extend(await _drain(run, pending))
