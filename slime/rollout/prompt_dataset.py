@@ -26,6 +26,7 @@ __all__ = ["PromptDataConfig", "PromptDataset", "add_prompt_data_arguments", "lo
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATA_SOURCE = "slime.rollout.data_source.RolloutDataSourceWithBuffer"
+ENCODE_BATCH = 1024
 
 
 def add_prompt_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -104,19 +105,25 @@ class PromptDataset:
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.hf_checkpoint)
         rows = open_rows(cfg.path)
-        self.samples: list[Sample] = []
-        too_long: list[str] = []
+        parsed = []
         for i in range(len(rows)):
             try:
-                sample = self._sample(rows[i])
+                parsed.append(self._parse(rows[i]))
             except (ValueError, TypeError) as e:
                 field_name = getattr(e, "field", None)
                 where = f"{cfg.path} {rows.where(i)}" + (f" field {field_name!r}" if field_name else "")
                 raise RowError(f"{where}: {getattr(e, 'message', e)}") from e
-            if cfg.max_prompt_len is not None and len(sample.tokens) > cfg.max_prompt_len:
-                too_long.append(rows.where(i))
-                continue
-            self.samples.append(sample)
+        self.samples: list[Sample] = []
+        too_long: list[str] = []
+        # Encode in batches: the fast tokenizer parallelizes a batch (one call per row is ~3x slower).
+        for start in range(0, len(parsed), ENCODE_BATCH):
+            chunk = parsed[start : start + ENCODE_BATCH]
+            ids = self.tokenizer([text for text, _, _ in chunk], add_special_tokens=False)["input_ids"]
+            for j, ((text, label, metadata), tokens) in enumerate(zip(chunk, ids)):
+                if cfg.max_prompt_len is not None and len(tokens) > cfg.max_prompt_len:
+                    too_long.append(rows.where(start + j))
+                    continue
+                self.samples.append(Sample(prompt=text, tokens=list(tokens), label=label, metadata=metadata))
         self.report = {"rows": len(rows), "kept": len(self.samples), "dropped_prompt_too_long": len(too_long)}
         if too_long:
             logger.warning(
@@ -129,7 +136,8 @@ class PromptDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _sample(self, row: Any) -> Sample:
+    def _parse(self, row: Any) -> tuple[str, Any, dict]:
+        """(prompt text, label, metadata) of one row."""
         from slime.data.chat_template import RowFieldError
         from slime.data.schema import normalize_tools
 
@@ -159,6 +167,5 @@ class PromptDataset:
             if not isinstance(prompt, str):
                 raise RowFieldError(cfg.prompt_key, f"is a {type(prompt).__name__}; message lists need --apply-chat-template")
             text = prompt
-        tokens = self.tokenizer.encode(text, add_special_tokens=False)
         label = row.get(cfg.label_key) if cfg.label_key else None
-        return Sample(prompt=text, tokens=list(tokens), label=label, metadata=dict(metadata or {}))
+        return text, label, dict(metadata or {})
