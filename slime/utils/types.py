@@ -48,8 +48,6 @@ class Sample:
     generate_function_path: str | None = None
     custom_rm_path: str | None = None
     train_metadata: dict | None = None
-    # Routing key for routers that hash sessions (one id per sample, set by the rollout).
-    session_id: str | None = None
 
     @property
     def effective_response_length(self) -> int:
