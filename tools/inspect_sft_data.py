@@ -4,8 +4,9 @@
         --prompt-data slime/assets/tiny_sft.jsonl --dump /tmp/samples.jsonl
 
 Takes the same data flags as training (--input-key, --tool-key, --multi-turn-policy,
---rollout-max-context-len, --skip-invalid-samples, ...); a directory holding only tokenizer
-files is enough for --hf-checkpoint. Writes one JSON line per sample with full-length,
+--rollout-max-context-len, --skip-invalid-samples, --data-cache-dir, ...), so it reads the
+token cache entry training uses (or builds it); a directory holding only tokenizer files is
+enough for --hf-checkpoint. Writes one JSON line per sample with full-length,
 aligned ``token_ids`` and ``loss_mask`` and prints the data summary (samples, tokens,
 supervised tokens, length percentiles, truncated and skipped counts) and one sample with
 the supervised text highlighted.
@@ -50,13 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prompt_data or not args.hf_checkpoint:
         parser.error("--prompt-data and --hf-checkpoint are required")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Preparation progress (rows/s, ETA) on stderr; the summary is printed below.
+    logging.getLogger("slime.data.progress").setLevel(logging.INFO)
 
     from slime.data.config import SFTDataConfig, build_data_source
     from slime.data.dataset import DataValidationError
     from slime.data.chat_template import TemplateError
 
     try:
-        source = build_data_source(SFTDataConfig.from_args(args), progress=sys.stderr.isatty())
+        source = build_data_source(SFTDataConfig.from_args(args), progress=True)
     except (DataValidationError, TemplateError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(rec) + "\n")
     for line in data.report.summary_lines():
         print(line)
+    print(f"  token cache: {data.store.directory}" if not args.no_data_cache else "  token cache: off (--no-data-cache)")
     if args.dump:
         print(f"  wrote {len(data)} samples to {args.dump}")
     k = min(max(args.show, 0), len(data) - 1)

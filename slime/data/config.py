@@ -1,4 +1,9 @@
-"""`SFTDataConfig`: the data flags as one typed, checked group, and the data source factory."""
+"""`SFTDataConfig`: the data flags as one typed, checked group, and the data source factory.
+
+`build_data_source` serves a data file from the token cache when an entry for the same
+content, tokenizer, flags and code exists (no tokenizer is even loaded then), and otherwise
+prepares it (in ``num_workers`` processes) and publishes the result to the cache.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 
+from slime.data.cache import default_cache_dir
 from slime.data.chat_template import POLICIES
 from slime.data.schema import DataKeys
 
@@ -26,6 +32,10 @@ class SFTDataConfig:
     skip_invalid: skip and count bad rows instead of failing (``--skip-invalid-samples``).
     shuffle / seed: ``--rollout-shuffle`` / ``--rollout-seed``; the order is reshuffled per epoch.
     chat_template_kwargs: extra template variables (``--apply-chat-template-kwargs``).
+    num_workers: processes that tokenize (``--data-num-workers``); None = every usable core.
+    cache_dir: token cache root (``--data-cache-dir``); None = no cache, a private temporary
+        store per run (the command line defaults to `slime.data.cache.default_cache_dir`).
+    overwrite_cache: rebuild the cache entry even when one exists (``--overwrite-data-cache``).
     """
 
     prompt_data: str
@@ -37,6 +47,9 @@ class SFTDataConfig:
     shuffle: bool = False
     seed: int = 42
     chat_template_kwargs: dict = field(default_factory=dict)
+    num_workers: int | None = None
+    cache_dir: str | None = None
+    overwrite_cache: bool = False
 
     def __post_init__(self):
         if not self.prompt_data:
@@ -51,6 +64,13 @@ class SFTDataConfig:
         clash = sorted(reserved & set(self.chat_template_kwargs))
         if clash:
             raise ValueError(f"--apply-chat-template-kwargs may not set {clash}: slime passes those itself")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"--data-num-workers must be >= 1, got {self.num_workers}")
+
+    def encoder_spec(self):
+        from slime.data.dataset import EncoderSpec
+
+        return EncoderSpec(self.hf_checkpoint, self.keys, self.policy, self.max_length, self.chat_template_kwargs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SFTDataConfig":
@@ -64,6 +84,9 @@ class SFTDataConfig:
             shuffle=args.rollout_shuffle,
             seed=args.rollout_seed,
             chat_template_kwargs=dict(args.apply_chat_template_kwargs or {}),
+            num_workers=args.data_num_workers,
+            cache_dir=None if args.no_data_cache else (args.data_cache_dir or default_cache_dir()),
+            overwrite_cache=args.overwrite_data_cache,
         )
 
 
@@ -77,14 +100,15 @@ def load_tokenizer(path: str):
         raise ValueError(f"--hf-checkpoint {path!r}: cannot load a tokenizer: {e}") from e
 
 
-def build_data_source(cfg: SFTDataConfig, progress: bool = True):
-    """Open, validate and index ``cfg.prompt_data``; returns an `SFTDataSource`."""
-    from slime.data.chat_template import ChatTemplate
-    from slime.data.data_source import SFTDataSource
-    from slime.data.dataset import SFTEncoder, prepare
-    from slime.data.readers import open_rows
+def build_encoder(cfg: SFTDataConfig):
+    """The `SFTEncoder` of ``cfg`` (loads the tokenizer, learns the template's turn markers)."""
+    return cfg.encoder_spec().build()
 
-    template = ChatTemplate(load_tokenizer(cfg.hf_checkpoint), cfg.chat_template_kwargs)
-    encoder = SFTEncoder(template, cfg.keys, cfg.policy, cfg.max_length)
-    data = prepare(open_rows(cfg.prompt_data), encoder, skip_invalid=cfg.skip_invalid, progress=progress)
+
+def build_data_source(cfg: SFTDataConfig, progress: bool = True):
+    """Validate and index ``cfg.prompt_data`` (from the cache when possible); returns an `SFTDataSource`."""
+    from slime.data.data_source import SFTDataSource
+    from slime.data.loader import load_prepared
+
+    data = load_prepared(cfg, progress=progress)
     return SFTDataSource(data, shuffle=cfg.shuffle, seed=cfg.seed)

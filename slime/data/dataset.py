@@ -1,34 +1,57 @@
-"""The SFT data set: every row validated and measured before training, nothing dropped silently.
+"""The SFT data set: validated samples, their tokens, and the report of what was dropped.
 
-`prepare` reads each row once, normalizes it (`schema.parse_row`), encodes it with the chat
-template under the multi-turn policy and applies ``max_length``. It keeps only small numpy
-arrays (row, turn, length, supervised tokens per sample) and a `DataReport`; token ids are
-produced again, by the same `SFTEncoder`, when a rollout asks for the sample.
-Bad rows raise `DataValidationError` naming file, row and field, or, with
-``skip_invalid``, are skipped and counted.
+`SFTEncoder` turns a row into samples (the one code path for validation and tokens).
+`PreparedData` serves samples from a `TokenStore` (memory-mapped token ids and loss masks
+written once by `slime.data.prepare`); a sample's prompt, label and metadata are re-read
+from its row, which is cheap next to tokenizing it. `DataReport` counts every row and
+sample, kept or not, and is stored with the tokens so a cache hit reports the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from slime.data.chat_template import ChatTemplate, Encoded, RowFieldError, TemplateError
-from slime.data.readers import RowReadError, RowSource
+from slime.data.chat_template import ChatTemplate, Encoded
+from slime.data.readers import RowSource
 from slime.data.schema import Conversation, DataKeys, parse_row
+from slime.data.store import TokenStore
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataReport", "DataValidationError", "PreparedData", "SFTEncoder", "prepare"]
+__all__ = ["DataReport", "DataValidationError", "EncoderSpec", "PreparedData", "SFTEncoder", "make_sample"]
 
 
 class DataValidationError(ValueError):
     """Raised before training when rows are invalid and skipping was not asked for."""
+
+
+def make_sample(conv: Conversation, enc: Encoded, index: int, row_index: int) -> Sample:
+    """slime's convention: ``loss_mask`` covers the last ``response_length`` tokens."""
+    first = enc.loss_mask.index(1)
+    # Per-turn samples cover the conversation up to their turn only.
+    prompt = conv.messages if enc.turn is None else conv.messages[: enc.turn + 1]
+    metadata = dict(conv.metadata)
+    metadata.update(row_index=row_index, turn_index=enc.turn)
+    if conv.tools:
+        metadata["tools"] = conv.tools
+    return Sample(
+        index=index,
+        prompt=prompt,
+        tokens=enc.token_ids,
+        response_length=len(enc.token_ids) - first,
+        loss_mask=enc.loss_mask[first:],
+        label=conv.label,
+        reward=0.0,
+        status=Sample.Status.TRUNCATED if enc.truncated else Sample.Status.COMPLETED,
+        metadata=metadata,
+    )
 
 
 @dataclass
@@ -56,25 +79,25 @@ class SFTEncoder:
         return self.template.encode_turn(conv.messages, turn, conv.tools, self.max_length)
 
     def to_sample(self, conv: Conversation, enc: Encoded, index: int, row_index: int) -> Sample:
-        """slime's convention: ``loss_mask`` covers the last ``response_length`` tokens."""
-        first = enc.loss_mask.index(1)
-        # Per-turn samples cover the conversation up to their turn only.
-        prompt = conv.messages if enc.turn is None else conv.messages[: enc.turn + 1]
-        metadata = dict(conv.metadata)
-        metadata.update(row_index=row_index, turn_index=enc.turn)
-        if conv.tools:
-            metadata["tools"] = conv.tools
-        return Sample(
-            index=index,
-            prompt=prompt,
-            tokens=enc.token_ids,
-            response_length=len(enc.token_ids) - first,
-            loss_mask=enc.loss_mask[first:],
-            label=conv.label,
-            reward=0.0,
-            status=Sample.Status.TRUNCATED if enc.truncated else Sample.Status.COMPLETED,
-            metadata=metadata,
-        )
+        return make_sample(conv, enc, index, row_index)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an `SFTEncoder` is built from. Picklable and cheap: worker processes build their
+    own encoder from it, and a cache hit builds one only if something asks for it."""
+
+    hf_checkpoint: str
+    keys: DataKeys
+    policy: str = "full"
+    max_length: int | None = None
+    template_kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> SFTEncoder:
+        from slime.data.config import load_tokenizer
+
+        template = ChatTemplate(load_tokenizer(self.hf_checkpoint), self.template_kwargs)
+        return SFTEncoder(template, self.keys, self.policy, self.max_length)
 
 
 @dataclass
@@ -121,122 +144,94 @@ class DataReport:
             lines.extend(f"    {e}" for e in self.errors[:5])
         return lines
 
+    _COUNTS = ("rows", "rows_invalid", "samples", "samples_truncated", "samples_dropped", "tokens",
+               "supervised_tokens", "boundary_straddles")
+
+    def to_dict(self) -> dict:
+        """JSON-able form stored with the tokens (lengths come back from the store's offsets)."""
+        out = {name: getattr(self, name) for name in ("path", "policy", "max_length", *self._COUNTS, "errors")}
+        out["error_fields"] = dict(self.error_fields)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str, lengths: np.ndarray | None = None) -> "DataReport":
+        """The stored report, its messages pointing at ``path`` (the cache is shared by equal content)."""
+        old = d["path"]
+        errors = [path + e[len(old):] if e.startswith(old) else e for e in d["errors"]]
+        report = cls(path=path, policy=d["policy"], max_length=d["max_length"], error_fields=Counter(d["error_fields"]),
+                     errors=errors, lengths=lengths)
+        for name in cls._COUNTS:
+            setattr(report, name, int(d[name]))
+        return report
+
+    def validation_error(self, complete: bool, max_errors: int) -> DataValidationError | None:
+        """The error that stops a run without ``--skip-invalid-samples`` (None when all rows are good)."""
+        bad = self.rows_invalid + self.samples_dropped
+        if not bad:
+            return None
+        more = "" if complete else f" (stopped after {max_errors} errors)"
+        return DataValidationError(
+            f"{bad} invalid row(s)/sample(s) in {self.path}{more}; fix them or pass --skip-invalid-samples "
+            "to skip and count them:\n  " + "\n  ".join(self.errors[:max_errors])
+        )
+
 
 @dataclass
 class PreparedData:
-    """Per-sample index arrays over a `RowSource` (row, turn (-1 = whole conversation), lengths)."""
+    """The samples of one data file: tokens from a `TokenStore`, prompts from the rows.
+
+    ``encoder`` is built on first use only (a cache hit needs no tokenizer to serve samples).
+    """
 
     source: RowSource
-    encoder: SFTEncoder
-    rows: np.ndarray
-    turns: np.ndarray
-    lengths: np.ndarray
-    supervised: np.ndarray
+    keys: DataKeys
+    store: TokenStore
     report: DataReport
+    make_encoder: Callable[[], SFTEncoder] | None = None
     content_hash: str = ""  # over every sample's token ids and mask, in order
+    _encoder: SFTEncoder | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.store)
+
+    @property
+    def encoder(self) -> SFTEncoder:
+        if self._encoder is None:
+            if self.make_encoder is None:
+                raise ValueError("this PreparedData was built without an encoder")
+            self._encoder = self.make_encoder()
+        return self._encoder
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.store["rows"]
+
+    @property
+    def turns(self) -> np.ndarray:
+        return self.store["turns"]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths()
 
     def sample(self, k: int, index: int | None = None) -> Sample:
-        """Build sample ``k`` (tokens and mask) from its row."""
-        row_index, turn = int(self.rows[k]), int(self.turns[k])
-        conv = parse_row(self.source[row_index], self.encoder.keys)
-        enc = self.encoder.encode_turn(conv, turn)
-        return self.encoder.to_sample(conv, enc, k if index is None else index, row_index)
+        """Sample ``k``: stored tokens and mask, prompt and metadata from its row."""
+        row_index, turn = int(self.store["rows"][k]), int(self.store["turns"][k])
+        ids, mask = self.store.tokens(k)
+        enc = Encoded(ids, mask, turn=None if turn < 0 else turn, truncated=bool(self.store["truncated"][k]))
+        conv = parse_row(self.source[row_index], self.keys)
+        return make_sample(conv, enc, k if index is None else index, row_index)
 
     def fingerprint(self) -> str:
-        """Identifies the sample set, so a resumed run can refuse changed data."""
-        import hashlib
+        """Identifies the sample set, so a resumed run can refuse changed data.
 
-        h = hashlib.sha256(self.content_hash.encode())
-        for arr in (self.rows, self.turns, self.lengths):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()[:16]
-
-
-def _field_kind(name: str) -> str:
-    return re.sub(r"\[\d+\]", "[]", name)
-
-
-def prepare(
-    source: RowSource,
-    encoder: SFTEncoder,
-    skip_invalid: bool = False,
-    max_errors: int = 20,
-    progress: bool = True,
-) -> PreparedData:
-    """Validate and measure every row of ``source``; raise or skip (and count) bad ones."""
-    report = DataReport(path=source.path, policy=encoder.policy, max_length=encoder.max_length)
-    import hashlib
-
-    rows, turns, lengths, supervised = [], [], [], []
-    digest = hashlib.blake2b(digest_size=16)
-    iterator = range(len(source))
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc=f"validating {source.path}", unit="row", leave=False)
-    for i in iterator:
-        report.rows += 1
-        try:
-            try:
-                _, encs = encoder.encode_row(source[i])
-            except RowReadError as e:
-                raise RowFieldError("<json>", str(e)) from None
-        except TemplateError:
-            raise  # a property of the template, not of this row
-        except RowFieldError as e:
-            report.rows_invalid += 1
-            report.error_fields[_field_kind(e.field)] += 1
-            msg = f"{source.path}: {source.where(i)}: field '{e.field}': {e.message}"
-            if len(report.errors) < max_errors:
-                report.errors.append(msg)
-            if not skip_invalid and report.rows_invalid >= max_errors:
-                break
-            continue
-        for enc in encs:
-            n_sup = enc.num_supervised
-            if n_sup == 0:
-                report.samples_dropped += 1
-                where = "messages" if enc.turn is None else f"messages[{enc.turn}]"
-                report.error_fields[f"{where}: truncation"] += 1
-                if len(report.errors) < max_errors:
-                    report.errors.append(
-                        f"{source.path}: {source.where(i)}: field '{where}': no supervised token left after "
-                        f"truncation to --rollout-max-context-len {encoder.max_length}"
-                    )
-                continue
-            digest.update(np.asarray(enc.token_ids, dtype=np.int32).tobytes())
-            digest.update(np.asarray(enc.loss_mask, dtype=np.int8).tobytes())
-            rows.append(i)
-            turns.append(-1 if enc.turn is None or encoder.policy != "per-turn" else enc.turn)
-            lengths.append(len(enc.token_ids))
-            supervised.append(n_sup)
-            report.samples += 1
-            report.samples_truncated += enc.truncated
-            report.tokens += len(enc.token_ids)
-            report.supervised_tokens += n_sup
-            report.boundary_straddles += enc.boundary_straddles
-    bad = report.rows_invalid + report.samples_dropped
-    if bad and not skip_invalid:
-        more = "" if report.rows == len(source) else f" (stopped after {max_errors} errors)"
-        raise DataValidationError(
-            f"{bad} invalid row(s)/sample(s) in {source.path}{more}; fix them or pass --skip-invalid-samples "
-            "to skip and count them:\n  " + "\n  ".join(report.errors)
-        )
-    if report.samples == 0:
-        raise DataValidationError(f"{source.path}: no usable samples ({report.rows} rows read)")
-    report.lengths = np.asarray(lengths, dtype=np.int64)
-    for line in report.summary_lines():
-        logger.info(line)
-    return PreparedData(
-        source=source,
-        encoder=encoder,
-        rows=np.asarray(rows, dtype=np.int64),
-        turns=np.asarray(turns, dtype=np.int32),
-        lengths=report.lengths,
-        supervised=np.asarray(supervised, dtype=np.int64),
-        report=report,
-        content_hash=digest.hexdigest(),
-    )
+        A hash of the token content hash and the row/turn/length arrays (tens of MB at a
+        million samples: computed once, then remembered).
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.content_hash.encode())
+            for arr in (self.rows.astype(np.int64), self.turns.astype(np.int32), self.lengths.astype(np.int64)):
+                h.update(np.ascontiguousarray(arr).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint

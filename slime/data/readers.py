@@ -19,6 +19,8 @@ import os
 from array import array
 from typing import Any, Protocol
 
+import numpy as np
+
 __all__ = ["RowSource", "open_rows"]
 
 
@@ -47,18 +49,28 @@ def _drop_nulls(value: Any) -> Any:
 
 
 class JsonlRows:
-    def __init__(self, path: str):
+    """``index``: the arrays `index_arrays` returned for this same file content (a cache hit
+    reuses them instead of scanning a large file again)."""
+
+    def __init__(self, path: str, index: dict[str, np.ndarray] | None = None):
         self.path = path
-        self._offsets = array("q")
-        self._lines = array("q")
+        self._fh = None
+        if index is not None:
+            self._offsets, self._lines = index["row_offsets"], index["row_lines"]
+            return
+        offsets, lines = array("q"), array("q")
         pos = 0
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
-                    self._offsets.append(pos)
-                    self._lines.append(lineno)
+                    offsets.append(pos)
+                    lines.append(lineno)
                 pos += len(line)
-        self._fh = None
+        self._offsets = np.frombuffer(offsets, dtype=np.int64)
+        self._lines = np.frombuffer(lines, dtype=np.int64)
+
+    def index_arrays(self) -> dict[str, np.ndarray]:
+        return {"row_offsets": self._offsets, "row_lines": self._lines}
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -66,7 +78,7 @@ class JsonlRows:
     def __getitem__(self, i: int) -> Any:
         if self._fh is None:
             self._fh = open(self.path, "rb")
-        self._fh.seek(self._offsets[i])
+        self._fh.seek(int(self._offsets[i]))
         line = self._fh.readline()
         try:
             return json.loads(line)
@@ -76,9 +88,11 @@ class JsonlRows:
     def where(self, i: int) -> str:
         return f"row {i} (line {self._lines[i]})"
 
-    def __getstate__(self):  # picklable for Ray: reopen the file lazily on the other side
+    def __getstate__(self):  # picklable (Ray, worker processes): reopen the file lazily on the other side
         state = self.__dict__.copy()
         state["_fh"] = None
+        # Memory-mapped index arrays would pickle as copies anyway; plain arrays are explicit.
+        state["_offsets"], state["_lines"] = np.array(self._offsets), np.array(self._lines)
         return state
 
 
@@ -132,15 +146,19 @@ def _load_arrow(path: str) -> Any:
     return datasets.Dataset.from_parquet(path)
 
 
-def open_rows(path: str) -> RowSource:
-    """Open ``path`` (.jsonl, .json, .parquet or a save_to_disk directory) for random access."""
+def open_rows(path: str, index: dict[str, np.ndarray] | None = None) -> RowSource:
+    """Open ``path`` (.jsonl, .json, .parquet or a save_to_disk directory) for random access.
+
+    ``index``: a JSONL row index saved from an earlier open of the same content (ignored
+    for the other formats, which need no scan).
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if os.path.isdir(path):
         return ArrowRows(path, _load_arrow(path))
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
-        return JsonlRows(path)
+        return JsonlRows(path, index)
     if ext == ".json":
         return JsonListRows(path)
     if ext == ".parquet":

@@ -35,10 +35,11 @@ class RolloutManager:
         self.args, self.dp_size = args, dp_size
         self.generate_fn = load_function(args.rollout_function_path, "--rollout-function-path", ROLLOUT_PARAMS)
         cfg = SFTDataConfig.from_args(args)
-        self.source = build_data_source(cfg, progress=False)
+        # Preparation logs rows/s, ETA and the summary as log lines: Ray forwards them to the driver.
+        self.source = build_data_source(cfg, progress=True)
         pairs = args.eval_prompt_data or []
         self.eval_sources = {
-            name: build_data_source(replace(cfg, prompt_data=path, shuffle=False), progress=False)
+            name: build_data_source(replace(cfg, prompt_data=path, shuffle=False), progress=True)
             for name, path in zip(pairs[::2], pairs[1::2])
         }
         self.states: dict[int, dict] = {}

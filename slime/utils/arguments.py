@@ -68,6 +68,21 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         action="store_true",
         help="skip (and count) invalid rows instead of stopping before training",
     )
+    g.add_argument(
+        "--data-num-workers",
+        type=_positive_int,
+        default=None,
+        help="processes that tokenize the data (default: every core this job may use; 1 = in the calling process)",
+    )
+    g.add_argument(
+        "--data-cache-dir",
+        type=str,
+        default=None,
+        help="token cache root, shared by training, eval, restarts and the data tools "
+        "(default: $SLIME_DATA_CACHE_DIR, else ~/.cache/slime/sft-data); see docs/sft_data.md",
+    )
+    g.add_argument("--no-data-cache", action="store_true", help="tokenize on every start and store nothing")
+    g.add_argument("--overwrite-data-cache", action="store_true", help="rebuild the cache entry even if one exists")
     g.add_argument("--rollout-shuffle", action="store_true", help="shuffle the samples, reshuffled every epoch")
     g.add_argument("--rollout-seed", type=int, default=42, help="seed of the data order")
     g.add_argument("--num-epoch", type=_positive_int, default=None, help="epochs over the data (sets --num-rollout)")

@@ -1,0 +1,287 @@
+"""Benchmark: SFT data preparation at corpus scale (parallel tokenization, token cache, warm start).
+
+Synthesizes OpenHermes-2.5-shaped rows (an optional system prompt, one to three user/assistant
+rounds, ~320 tokens median with the Qwen3 tokenizer), writes them as JSONL, then runs each
+phase in its own subprocess so peak RSS is per phase:
+
+    floor     HF ``apply_chat_template(messages, tokenize=True)`` one row at a time (no masks)
+    serial    our cold prepare in one process (hash, validate, tokenize, masks, write the cache)
+    parallel  the same with ``--workers`` processes (default: every usable core)
+    warm      a cache hit: time to the first rollout batch, then one pass over every sample
+
+It checks that the serial and parallel caches are identical and prints one table.
+
+    python benchmarks/bench_data_prepare.py [--rows 20000] [--workers N] [--phases floor serial parallel warm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO, "..", "shared", "assets", "qwen3-tokenizer"))
+TINY_TOKENIZER = os.path.join(REPO, "slime", "assets", "tiny-qwen3")
+PHASES = ("floor", "serial", "parallel", "warm")
+
+WORDS = ("the a of to and in is that for it as with was on be by this are or from at an which can have one "
+         "you not we all use when their there been if more will would these two first other each some time "
+         "model data function value system number example process result following step answer question "
+         "python code list return import print error network energy cell equation solution protein market "
+         "history language problem algorithm theorem probability matrix variable string integer customer "
+         "approximately therefore however additionally significantly respectively").split()
+SYMBOLS = ["x = 3", "f(x)", "2^n", "O(n log n)", "def solve():", "`print(x)`", "3.14", "100%", "e.g.", "i.e.",
+           "**Note:**", "1.", "2.", "-", "(see above)", "$5", "km/h", "x_i", "Σ", "→"]
+
+
+def _text(rng: random.Random, lo: int, hi: int) -> str:
+    n = rng.randint(lo, hi)
+    out, sent = [], []
+    for _ in range(n):
+        sent.append(rng.choice(SYMBOLS) if rng.random() < 0.06 else rng.choice(WORDS))
+        if len(sent) > rng.randint(8, 22):
+            out.append(" ".join(sent).capitalize() + ".")
+            sent = []
+    if sent:
+        out.append(" ".join(sent).capitalize() + ".")
+    return ("\n\n" if rng.random() < 0.3 else " ").join(out)
+
+
+def make_row(rng: random.Random) -> dict:
+    """One OpenHermes-like conversation in OpenAI messages form."""
+    msgs = []
+    if rng.random() < 0.3:
+        msgs.append({"role": "system", "content": _text(rng, 8, 30)})
+    rounds = rng.choices([1, 2, 3], weights=[85, 10, 5])[0]
+    for _ in range(rounds):
+        msgs.append({"role": "user", "content": _text(rng, 10, 90 // rounds + 20)})
+        msgs.append({"role": "assistant", "content": _text(rng, 40, 280 // rounds + 40)})
+    return {"messages": msgs}
+
+
+def write_rows(path: str, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps(make_row(rng), ensure_ascii=False) + "\n")
+
+
+class ChildPeaks:
+    """Peak RSS (VmHWM) of each child process, sampled: getrusage's RUSAGE_CHILDREN counts the
+    parent's size at fork into a spawned child, so workers are read from /proc instead."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        self.peaks: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _children(self) -> list[int]:
+        pids = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/children", encoding="ascii") as f:
+                    pids += [int(p) for p in f.read().split()]
+            except OSError:
+                pass
+        return pids
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for pid in self._children():
+                try:
+                    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                        hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+                except OSError:
+                    continue
+                self.peaks[pid] = max(self.peaks.get(pid, 0), hwm / 1024)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peaks.values(), default=0.0)
+
+
+def _rss_mb() -> dict:
+    """Peak RSS of this process and its current anon / file-backed split."""
+    out = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _cpu_s() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _config(a, cache_dir: str, workers: int):
+    from slime.data.config import SFTDataConfig
+
+    return SFTDataConfig(prompt_data=a.data, hf_checkpoint=a.tokenizer, num_workers=workers, cache_dir=cache_dir)
+
+
+def run_phase(a) -> dict:
+    """One phase, in this (fresh) process; returns its measurements."""
+    t0, cpu0 = time.perf_counter(), _cpu_s()
+    res: dict = {}
+    children = ChildPeaks()
+    if a.phase == "floor":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.tokenizer)
+        t_start = time.perf_counter()
+        rows = tokens = 0
+        with open(a.data, encoding="utf-8") as f:
+            for line in f:
+                tokens += len(tok.apply_chat_template(json.loads(line)["messages"], tokenize=True))
+                rows += 1
+        res.update(rows=rows, samples=rows, tokens=tokens, loop_s=time.perf_counter() - t_start)
+    elif a.phase in ("serial", "parallel"):
+        from slime.data.loader import load_prepared
+
+        workers = 1 if a.phase == "serial" else a.workers
+        data = load_prepared(_config(a, a.cache, workers), progress=False)
+        res.update(rows=data.report.rows, samples=len(data), tokens=data.report.tokens, entry=data.store.directory,
+                   fingerprint=data.fingerprint())
+    elif a.phase == "warm":
+        from slime.data.data_source import SFTDataSource
+        from slime.data.loader import load_prepared
+
+        data = load_prepared(_config(a, a.cache, a.workers), progress=False)
+        opened = time.perf_counter() - t0
+        source = SFTDataSource(data, shuffle=True, seed=1)
+        first = source.get_samples(a.batch)
+        res["first_batch_s"] = time.perf_counter() - t0
+        res["open_s"] = opened
+        res["rss_at_first_batch"] = _rss_mb()
+        assert first and first[0].tokens
+        t_pass, tokens, n = time.perf_counter(), 0, len(first)
+        while n < len(source):
+            batch = source.get_samples(min(a.batch * 8, len(source) - n))
+            tokens += sum(len(s.tokens) for s in batch)
+            n += len(batch)
+        res.update(rows=data.report.rows, samples=len(data), tokens=data.report.tokens,
+                   pass_s=time.perf_counter() - t_pass, fingerprint=data.fingerprint())
+    res["wall_s"] = time.perf_counter() - t0
+    res["cpu_s"] = _cpu_s() - cpu0
+    res["rss"] = _rss_mb()
+    res["rss"]["child_peak_mb"] = children.stop()
+    return res
+
+
+def _subprocess(a, phase: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--data", a.data, "--tokenizer", a.tokenizer,
+           "--cache", os.path.join(a.work, phase if phase != "warm" else "parallel"), "--workers", str(a.workers),
+           "--batch", str(a.batch)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"phase {phase} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _same_store(a_dir: str, b_dir: str) -> bool:
+    import numpy as np
+
+    from slime.data.store import TokenStore
+
+    a, b = TokenStore.open(a_dir), TokenStore.open(b_dir)
+    return a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a[k], b[k]) for k in a.arrays)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--tokenizer", default=None, help="default: ../shared Qwen3 tokenizer, else the embedded tiny-qwen3")
+    ap.add_argument("--workers", type=int, default=None, help="parallel phase processes (default: usable cores)")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--batch", type=int, default=128, help="rollout batch size of the warm phase")
+    ap.add_argument("--work", default=None, help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--markdown-out", default=None)
+    # internal: one phase in this process
+    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.phase:
+        print(json.dumps(run_phase(a)))
+        return 0
+
+    from slime.data.parallel import usable_cpus
+
+    note = ""
+    if a.tokenizer is None:
+        a.tokenizer = SHARED_TOKENIZER if os.path.isdir(SHARED_TOKENIZER) else TINY_TOKENIZER
+        note = "" if a.tokenizer == SHARED_TOKENIZER else " (shared Qwen3 tokenizer absent: embedded tiny-qwen3)"
+    a.workers = a.workers or usable_cpus()
+    tmp = None
+    if a.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
+        a.work = tmp.name
+    os.makedirs(a.work, exist_ok=True)
+    a.data = os.path.join(a.work, f"openhermes_like_{a.rows}.jsonl")
+    if not os.path.exists(a.data):
+        write_rows(a.data, a.rows)
+    size_mb = os.path.getsize(a.data) / 2**20
+    header = (f"rows={a.rows} ({size_mb:.0f} MB JSONL) | tokenizer `{a.tokenizer}`{note} | workers={a.workers} | "
+              f"usable cores={usable_cpus()} | python {sys.version.split()[0]}")
+    print(header, flush=True)
+    results = {}
+    for phase in a.phases:
+        results[phase] = r = _subprocess(a, phase)
+        print(f"  {phase}: {r['wall_s']:.1f} s", flush=True)
+
+    lines = ["| phase | wall s | rows/s | tokens/s | CPU s | peak RSS MB (main / largest worker) | notes |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    single = None
+    for phase, r in results.items():
+        rps, tps = r["rows"] / r["wall_s"], r["tokens"] / r["wall_s"]
+        notes = ""
+        if phase == "floor":
+            notes = f"per-row loop alone {r['rows'] / r['loop_s']:,.0f} rows/s"
+        if phase == "serial":
+            single = rps
+        if phase == "parallel" and single:
+            notes = f"{rps / single:.2f}x serial; target >= {0.8 * a.workers:.1f}x"
+        if phase == "warm":
+            at = r["rss_at_first_batch"]
+            notes = (f"first batch of {a.batch} after {r['first_batch_s']:.2f} s (cache opened in {r['open_s']:.2f} s, "
+                     f"peak RSS then {at['peak_mb']:.0f} MB); full pass over {r['samples']:,} samples "
+                     f"{r['pass_s']:.1f} s = {r['tokens'] / r['pass_s']:,.0f} tokens/s; RSS after it: "
+                     f"anon {r['rss'].get('RssAnon', 0):.0f} MB + file-backed {r['rss'].get('RssFile', 0):.0f} MB")
+        child = f" / {r['rss']['child_peak_mb']:.0f}" if phase == "parallel" else ""
+        lines.append(f"| {phase} | {r['wall_s']:.2f} | {rps:,.0f} | {tps:,.0f} | {r['cpu_s']:.1f} | "
+                     f"{r['rss']['peak_mb']:.0f}{child} | {notes} |")
+    verdict = []
+    if "serial" in results and "parallel" in results:
+        same = results["serial"]["fingerprint"] == results["parallel"]["fingerprint"] and _same_store(
+            results["serial"]["entry"], results["parallel"]["entry"])
+        verdict.append("serial == parallel cache (every array, fingerprint): " + ("OK" if same else "FAIL"))
+    if "warm" in results and "parallel" in results:
+        verdict.append("warm fingerprint == cold: " + ("OK" if results["warm"]["fingerprint"] == results["parallel"]["fingerprint"] else "FAIL"))
+    print("\n".join(lines + [""] + verdict))
+    if a.markdown_out:
+        with open(a.markdown_out, "w", encoding="utf-8") as f:
+            f.write(header + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(verdict) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0 if all("FAIL" not in v for v in verdict) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
