@@ -164,3 +164,22 @@ def test_config_errors():
         PromptDataConfig(path="", hf_checkpoint=str(TINY))
     with pytest.raises(ValueError, match="--rollout-max-prompt-len must be positive"):
         PromptDataset(PromptDataConfig(path="x.jsonl", hf_checkpoint=str(TINY), max_prompt_len=0))
+
+
+class NoBuffer:
+    def __init__(self, args):
+        self.args = args
+
+    def get_samples(self, n):
+        return []
+
+
+def test_build_data_source_from_flag(tmp_path):
+    from slime.rollout.data_source import build_data_source
+
+    path = write_jsonl(tmp_path / "d.jsonl", rows(2))
+    assert type(build_data_source(make_args(path, None))) is RolloutDataSourceWithBuffer
+    plain = build_data_source(make_args(path, None, "--data-source-path", "slime.rollout.data_source:RolloutDataSource"))
+    assert type(plain) is RolloutDataSource
+    with pytest.raises(PluginError, match="NoBuffer lacks add_samples, save, load, __len__"):
+        build_data_source(make_args(path, None, "--data-source-path", "test_rollout_data_source.NoBuffer"))

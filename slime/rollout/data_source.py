@@ -28,10 +28,10 @@ import numpy as np
 
 from slime.rollout.filter_hub.buffer_filters import pop_first
 from slime.rollout.plugin_contracts import PluginError, load_buffer_filter
-from slime.rollout.prompt_dataset import PromptDataConfig, PromptDataset
+from slime.rollout.prompt_dataset import DEFAULT_DATA_SOURCE, PromptDataConfig, PromptDataset
 from slime.utils.types import Sample
 
-__all__ = ["DataSource", "RolloutDataSource", "RolloutDataSourceWithBuffer", "pop_first"]
+__all__ = ["DataSource", "RolloutDataSource", "RolloutDataSourceWithBuffer", "build_data_source", "pop_first"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,3 +230,19 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.buffer = [[Sample.from_dict(d) for d in group] for group in state.get("buffer", [])]
+
+
+_DATA_SOURCE_METHODS = ("get_samples", "add_samples", "save", "load", "__len__")
+
+
+def build_data_source(args) -> DataSource:
+    """The ``--data-source-path`` class built with ``args``, checked for the methods the rollout calls."""
+    from slime.utils.plugins import load_function
+
+    path = getattr(args, "data_source_path", None) or DEFAULT_DATA_SOURCE
+    cls = load_function(path, "--data-source-path", ("args",))
+    source = cls(args)
+    missing = [m for m in _DATA_SOURCE_METHODS if not callable(getattr(source, m, None))]
+    if missing:
+        raise PluginError(f"--data-source-path {path!r}: {type(source).__name__} lacks {', '.join(missing)} (see slime.rollout.data_source.DataSource)")
+    return source
