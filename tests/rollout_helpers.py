@@ -114,7 +114,10 @@ class FakeSGLang:
 
 
 def rl_parser() -> argparse.ArgumentParser:
-    """The main parser's data/rollout/trainer groups plus the RL rollout's own group."""
+    """The main parser's data/rollout/trainer groups plus the RL rollout's own group.
+
+    Groups the main parser already carries (once they are wired in there) are not added twice.
+    """
     from slime.rollout.config import add_rollout_rl_arguments
     from slime.utils.arguments import add_data_arguments, add_rollout_arguments, add_trainer_arguments
 
@@ -122,10 +125,12 @@ def rl_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     add_rollout_arguments(parser)
     add_trainer_arguments(parser)
-    add_rollout_rl_arguments(parser)
+    if "--rollout-max-response-len" not in parser._option_string_actions:
+        add_rollout_rl_arguments(parser)
     # Engine-side flags the rollout reads (owned by the engine group in the full parser).
-    parser.add_argument("--sglang-router-ip", default=None)
-    parser.add_argument("--sglang-router-port", type=int, default=None)
+    if "--sglang-router-ip" not in parser._option_string_actions:
+        parser.add_argument("--sglang-router-ip", default=None)
+        parser.add_argument("--sglang-router-port", type=int, default=None)
     return parser
 
 

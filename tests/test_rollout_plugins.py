@@ -100,10 +100,15 @@ def test_old_flag_spellings_are_aliases():
 
 
 def test_rl_group_fits_the_main_parser():
-    """Every flag of the RL group can join the trainer's full parser without a clash."""
+    """The RL group joins the trainer's full parser without a clash (or is already wired in whole)."""
     from slime.rollout.config import add_rollout_rl_arguments
     from slime.utils.arguments import get_parser
 
+    ours = add_rollout_rl_arguments(argparse.ArgumentParser())._option_string_actions.keys() - {"-h", "--help"}
+    main = get_parser()._option_string_actions.keys()
+    if ours & main:
+        assert ours <= main, f"the main parser has only part of the RL group: missing {sorted(ours - main)}"
+        return
     try:
         get_parser(add_custom_arguments=add_rollout_rl_arguments)
     except argparse.ArgumentError as e:
