@@ -139,16 +139,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def make_args(prompt_data: str, url: str | None = None, *extra: str, tokenizer_dir: str | None = None) -> argparse.Namespace:
+def make_args(
+    prompt_data: str, url: str | None = None, *extra: str, tokenizer_dir: str | None = None
+) -> argparse.Namespace:
     from conftest import TINY
 
     argv = [
-        "--hf-checkpoint", tokenizer_dir or str(TINY),
-        "--prompt-data", prompt_data,
-        "--input-key", "prompt",
-        "--label-key", "label",
-        "--rollout-batch-size", "2",
-        "--rollout-max-response-len", "64",
+        "--hf-checkpoint",
+        tokenizer_dir or str(TINY),
+        "--prompt-data",
+        prompt_data,
+        "--input-key",
+        "prompt",
+        "--label-key",
+        "label",
+        "--rollout-batch-size",
+        "2",
+        "--rollout-max-response-len",
+        "64",
         *extra,
     ]
     if url:

@@ -9,7 +9,10 @@ import pytest
 from slime.rollout.data_source import pop_first as pop_first_from_data_source
 from slime.rollout.filter_hub import DynamicFilterOutput, call_dynamic_filter
 from slime.rollout.filter_hub.buffer_filters import pop_first
-from slime.rollout.filter_hub.dynamic_sampling_filters import check_reward_nonzero_std, check_reward_nonzero_std_with_fallback
+from slime.rollout.filter_hub.dynamic_sampling_filters import (
+    check_reward_nonzero_std,
+    check_reward_nonzero_std_with_fallback,
+)
 from slime.utils.types import Sample
 
 

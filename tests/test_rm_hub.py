@@ -162,7 +162,9 @@ def reward_server():
 def test_remote_rm(reward_server):
     url, seen = reward_server
     args = rm_args(rm_type="remote_rm", rm_url=url, reward_key="score")
-    samples = [Sample(index=i, prompt="2+2?", response=r, label="4", metadata={"k": i}) for i, r in enumerate(["4", "5"])]
+    samples = [
+        Sample(index=i, prompt="2+2?", response=r, label="4", metadata={"k": i}) for i, r in enumerate(["4", "5"])
+    ]
     rewards = asyncio.run(batched_async_rm(args, samples))
     assert [r["score"] for r in rewards] == [1.0, 0.0]
     assert json.loads(json.dumps(seen[0]))["prompt"] == "2+2?" and {b["metadata"]["k"] for b in seen} == {0, 1}

@@ -34,8 +34,17 @@ def data(tmp_path):
 
 def rollout(data, url, *extra, rollout_id=0, source=None):
     args = make_args(
-        data, url, "--apply-chat-template", "--n-samples-per-prompt", "2", "--rm-type", "f1",
-        "--rollout-max-response-len", str(MAX_LEN), "--rollout-deterministic-seeds", *extra,
+        data,
+        url,
+        "--apply-chat-template",
+        "--n-samples-per-prompt",
+        "2",
+        "--rm-type",
+        "f1",
+        "--rollout-max-response-len",
+        str(MAX_LEN),
+        "--rollout-deterministic-seeds",
+        *extra,
     )
     source = source or RolloutDataSourceWithBuffer(args)
     return generate_rollout(args, rollout_id, source), source
@@ -65,9 +74,22 @@ def test_groups_tokens_and_determinism(engine_url, data, tiny_tokenizer):
 
 def test_eval_against_the_engine(engine_url, data):
     args = make_args(
-        data, engine_url, "--apply-chat-template", "--rm-type", "f1", "--rollout-max-response-len", str(MAX_LEN),
-        "--eval-prompt-data", "tiny", data, "--n-samples-per-eval-prompt", "2", "--eval-max-response-len", "3",
-        "--eval-temperature", "0",
+        data,
+        engine_url,
+        "--apply-chat-template",
+        "--rm-type",
+        "f1",
+        "--rollout-max-response-len",
+        str(MAX_LEN),
+        "--eval-prompt-data",
+        "tiny",
+        data,
+        "--n-samples-per-eval-prompt",
+        "2",
+        "--eval-max-response-len",
+        "3",
+        "--eval-temperature",
+        "0",
     )
     out = generate_rollout(args, 0, None, evaluation=True)
     samples = out.data["tiny"]["samples"]
@@ -81,8 +103,18 @@ def test_abort_and_partial_rollout_with_the_engine(engine_url, data):
     # A buffered group that only needs 2 more tokens fills the batch of 1 first; the fresh group
     # (64 tokens to go) is aborted mid-generation by the engine, buffered, and continued next rollout.
     budget = 64
-    extra = ("--rollout-batch-size", "1", "--over-sampling-batch-size", "2", "--partial-rollout", "--rollout-max-response-len", str(budget))
-    args = make_args(data, engine_url, "--apply-chat-template", "--n-samples-per-prompt", "2", "--rm-type", "f1", *extra)
+    extra = (
+        "--rollout-batch-size",
+        "1",
+        "--over-sampling-batch-size",
+        "2",
+        "--partial-rollout",
+        "--rollout-max-response-len",
+        str(budget),
+    )
+    args = make_args(
+        data, engine_url, "--apply-chat-template", "--n-samples-per-prompt", "2", "--rm-type", "f1", *extra
+    )
     source = RolloutDataSourceWithBuffer(args)
     seeded = source.get_samples(1)[0]
     for s in seeded:

@@ -15,7 +15,10 @@ from slime.utils.types import Sample
 
 
 def rows(n):
-    return [{"prompt": f"Compute {i} * 3.", "label": str(3 * i), "metadata": json.dumps({"id": i, "rm_type": "math"})} for i in range(n)]
+    return [
+        {"prompt": f"Compute {i} * 3.", "label": str(3 * i), "metadata": json.dumps({"id": i, "rm_type": "math"})}
+        for i in range(n)
+    ]
 
 
 def test_prompt_samples_from_keys(tmp_path, tiny_tokenizer):
@@ -43,11 +46,33 @@ def test_prompt_key_overrides_input_key(tmp_path):
 def test_chat_template_with_tools(tmp_path):
     if not (QWEN3_TOKENIZER / "tokenizer.json").exists():
         pytest.skip("../shared/assets/qwen3-tokenizer not present")
-    tools = [{"type": "function", "function": {"name": "calculator", "description": "math", "parameters": {"type": "object", "properties": {}}}}]
-    data = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "tools": json.dumps(tools)},
-            {"prompt": "plain string becomes a user turn"}]
-    args = make_args(write_jsonl(tmp_path / "d.jsonl", data), None, "--apply-chat-template", "--rollout-batch-size", "1",
-                     "--apply-chat-template-kwargs", '{"enable_thinking": false}', tokenizer_dir=str(QWEN3_TOKENIZER))
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "calculator",
+                "description": "math",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    data = [
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+            "tools": json.dumps(tools),
+        },
+        {"prompt": "plain string becomes a user turn"},
+    ]
+    args = make_args(
+        write_jsonl(tmp_path / "d.jsonl", data),
+        None,
+        "--apply-chat-template",
+        "--rollout-batch-size",
+        "1",
+        "--apply-chat-template-kwargs",
+        '{"enable_thinking": false}',
+        tokenizer_dir=str(QWEN3_TOKENIZER),
+    )
     ds = RolloutDataSource(args).dataset
     first, second = ds.samples
     assert "calculator" in first.prompt and "<tools>" in first.prompt
@@ -59,7 +84,9 @@ def test_tiny_chat_template(tmp_path, tiny_tokenizer):
     data = [{"prompt": [{"role": "user", "content": "hi"}]}]
     args = make_args(write_jsonl(tmp_path / "d.jsonl", data), None, "--apply-chat-template")
     sample = RolloutDataSource(args).dataset.samples[0]
-    expected = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    expected = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert sample.prompt == expected and sample.tokens == tiny_tokenizer.encode(expected, add_special_tokens=False)
 
 
@@ -128,7 +155,11 @@ def test_save_load_files_and_buffer_state(tmp_path):
     fresh.load(3)
     assert fresh.get_buffer_length() == 1
     restored = fresh.buffer[0][0]
-    assert restored.status == Sample.Status.ABORTED and restored.rollout_log_probs == [-0.5, -0.25] and restored.response == "ab"
+    assert (
+        restored.status == Sample.Status.ABORTED
+        and restored.rollout_log_probs == [-0.5, -0.25]
+        and restored.response == "ab"
+    )
     served = fresh.get_samples(2)  # buffer first, then the next unseen prompt
     assert [g[0].index for g in served] == [0, 4] and fresh.get_buffer_length() == 0
     with pytest.raises(ValueError, match="group 0 has 1 samples, expected --n-samples-per-prompt 2"):
@@ -151,7 +182,9 @@ def test_buffer_filter_plugin_and_contract(tmp_path):
     src = RolloutDataSourceWithBuffer(args)
     src.add_samples([[Sample(index=i)] for i in range(3)])
     assert [g[0].index for g in src.get_samples(2)] == [2, 1]
-    bad = RolloutDataSourceWithBuffer(make_args(path, None, "--buffer-filter-path", "test_rollout_data_source.drop_all_but_one"))
+    bad = RolloutDataSourceWithBuffer(
+        make_args(path, None, "--buffer-filter-path", "test_rollout_data_source.drop_all_but_one")
+    )
     bad.add_samples([[Sample(index=0)]])
     with pytest.raises(PluginError, match="must remove exactly what it returns"):
         bad.get_samples(1)
@@ -179,7 +212,9 @@ def test_build_data_source_from_flag(tmp_path):
 
     path = write_jsonl(tmp_path / "d.jsonl", rows(2))
     assert type(build_data_source(make_args(path, None))) is RolloutDataSourceWithBuffer
-    plain = build_data_source(make_args(path, None, "--data-source-path", "slime.rollout.data_source:RolloutDataSource"))
+    plain = build_data_source(
+        make_args(path, None, "--data-source-path", "slime.rollout.data_source:RolloutDataSource")
+    )
     assert type(plain) is RolloutDataSource
     with pytest.raises(PluginError, match="NoBuffer lacks add_samples, save, load, __len__"):
         build_data_source(make_args(path, None, "--data-source-path", "test_rollout_data_source.NoBuffer"))

@@ -37,7 +37,9 @@ def test_groups_tokens_logprobs_rewards_and_metrics(tmp_path):
         return FakeReply("The sum is \\boxed{4}." if prompt_tag(ids) == "a" else "It is \\boxed{5}.")
 
     with FakeSGLang(responder) as srv:
-        args = make_args(prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "3")
+        args = make_args(
+            prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "3"
+        )
         source = RolloutDataSourceWithBuffer(args)
         out = call_rollout_fn(generate_rollout, args, 0, source, evaluation=False)
     assert isinstance(out, RolloutFnTrainOutput)
@@ -61,7 +63,9 @@ def test_groups_tokens_logprobs_rewards_and_metrics(tmp_path):
     assert m["rollout/time_s"] > 0 and m["rollout/kept_groups"] == 2 and m["rollout/dropped_groups"] == 0
     # The next rollout continues with the next prompt (c), then wraps around to a.
     with FakeSGLang(responder) as srv:
-        args2 = make_args(prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "3")
+        args2 = make_args(
+            prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "3"
+        )
         out2 = generate_rollout(args2, 1, source)
     assert [g[0].group_index for g in out2.samples] == [2, 3] and out2.samples[1][0].reward == 1
 
@@ -69,11 +73,27 @@ def test_groups_tokens_logprobs_rewards_and_metrics(tmp_path):
 def test_sampling_params_truncation_and_seeds(tmp_path):
     with FakeSGLang(lambda ids, p: FakeReply("x" * 50)) as srv:
         args = make_args(
-            prompts(tmp_path, ["a", "b"]), srv.url,
-            "--rm-type", "f1", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "5",
-            "--rollout-temperature", "0.7", "--rollout-top-p", "0.9", "--rollout-top-k", "20",
-            "--rollout-stop", "</answer>", "--rollout-stop-token-ids", "151645",
-            "--rollout-deterministic-seeds", "--rollout-seed", "100",
+            prompts(tmp_path, ["a", "b"]),
+            srv.url,
+            "--rm-type",
+            "f1",
+            "--n-samples-per-prompt",
+            "2",
+            "--rollout-max-response-len",
+            "5",
+            "--rollout-temperature",
+            "0.7",
+            "--rollout-top-p",
+            "0.9",
+            "--rollout-top-k",
+            "20",
+            "--rollout-stop",
+            "</answer>",
+            "--rollout-stop-token-ids",
+            "151645",
+            "--rollout-deterministic-seeds",
+            "--rollout-seed",
+            "100",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
         requests = list(srv.requests)
@@ -83,8 +103,15 @@ def test_sampling_params_truncation_and_seeds(tmp_path):
     params = sorted((r["sampling_params"] for r in requests), key=lambda p: p["sampling_seed"])
     assert [p["sampling_seed"] for p in params] == [100, 101, 102, 103]
     assert params[0] | {"sampling_seed": 0} == {
-        "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 5, "skip_special_tokens": False,
-        "no_stop_trim": True, "stop": ["</answer>"], "stop_token_ids": [151645], "sampling_seed": 0,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_new_tokens": 5,
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "stop": ["</answer>"],
+        "stop_token_ids": [151645],
+        "sampling_seed": 0,
     }
     assert all(r["return_logprob"] is True for r in requests)
 
@@ -102,10 +129,17 @@ def test_dynamic_sampling_refills_then_aborts_what_is_still_running(tmp_path):
 
     with FakeSGLang(responder) as srv:
         args = make_args(
-            prompts(tmp_path, [f"p{i}" for i in range(6)]), srv.url,
-            "--rm-type", "math", "--n-samples-per-prompt", "2", "--over-sampling-batch-size", "3",
+            prompts(tmp_path, [f"p{i}" for i in range(6)]),
+            srv.url,
+            "--rm-type",
+            "math",
+            "--n-samples-per-prompt",
+            "2",
+            "--over-sampling-batch-size",
+            "3",
             "--rollout-deterministic-seeds",
-            "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+            "--dynamic-sampling-filter-path",
+            "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
         )
         source = RolloutDataSourceWithBuffer(args)
         out = generate_rollout(args, 0, source)
@@ -130,15 +164,26 @@ def test_partial_rollout_continues_aborted_samples_next_rollout(tmp_path):
     data = prompts(tmp_path, ["fast1", "slow", "fast2", "fast3"])
     with FakeSGLang(responder) as srv:
         args = make_args(
-            data, srv.url, "--rm-type", "math", "--n-samples-per-prompt", "2", "--rollout-batch-size", "2",
-            "--over-sampling-batch-size", "3", "--partial-rollout",
+            data,
+            srv.url,
+            "--rm-type",
+            "math",
+            "--n-samples-per-prompt",
+            "2",
+            "--rollout-batch-size",
+            "2",
+            "--over-sampling-batch-size",
+            "3",
+            "--partial-rollout",
         )
         source = RolloutDataSourceWithBuffer(args)
         first = generate_rollout(args, 0, source)
         assert [g[0].group_index for g in first.samples] == [0, 2]
         assert first.metrics["rollout/partial_groups_buffered"] == 1 and source.get_buffer_length() == 1
         buffered = source.buffer[0]
-        assert all(s.status == Sample.Status.ABORTED and s.response == "Ans" and s.response_length == 3 for s in buffered)
+        assert all(
+            s.status == Sample.Status.ABORTED and s.response == "Ans" and s.response_length == 3 for s in buffered
+        )
         assert all(s.metadata["start_rollout_id"] == 0 for s in buffered)
 
         hang["on"] = False
@@ -160,8 +205,14 @@ def test_partial_rollout_continues_aborted_samples_next_rollout(tmp_path):
 def test_mask_offpolicy_in_partial_rollout(tmp_path):
     with FakeSGLang(lambda ids, p: FakeReply("\\boxed{4}")) as srv:
         args = make_args(
-            prompts(tmp_path, ["a"]), srv.url, "--rm-type", "math", "--rollout-batch-size", "1",
-            "--partial-rollout", "--mask-offpolicy-in-partial-rollout",
+            prompts(tmp_path, ["a"]),
+            srv.url,
+            "--rm-type",
+            "math",
+            "--rollout-batch-size",
+            "1",
+            "--partial-rollout",
+            "--mask-offpolicy-in-partial-rollout",
         )
         source = RolloutDataSourceWithBuffer(args)
         group = source.get_samples(1)[0]
@@ -180,9 +231,21 @@ def test_eval_per_dataset(tmp_path):
 
     with FakeSGLang(responder) as srv:
         args = make_args(
-            prompts(tmp_path, ["a", "b"]), srv.url, "--rm-type", "math",
-            "--eval-prompt-data", "easy", prompts(tmp_path, ["a"], "easy.jsonl"), "mixed", prompts(tmp_path, ["a", "b"], "mixed.jsonl"),
-            "--n-samples-per-eval-prompt", "3", "--eval-max-response-len", "10", "--eval-temperature", "0.3",
+            prompts(tmp_path, ["a", "b"]),
+            srv.url,
+            "--rm-type",
+            "math",
+            "--eval-prompt-data",
+            "easy",
+            prompts(tmp_path, ["a"], "easy.jsonl"),
+            "mixed",
+            prompts(tmp_path, ["a", "b"], "mixed.jsonl"),
+            "--n-samples-per-eval-prompt",
+            "3",
+            "--eval-max-response-len",
+            "10",
+            "--eval-temperature",
+            "0.3",
         )
         out = call_rollout_fn(generate_rollout, args, 7, None, evaluation=True)
         requests = list(srv.requests)
@@ -218,8 +281,14 @@ def test_engine_errors_are_clear(tmp_path):
 def test_fallback_filter_keeps_rejected_groups_instead_of_another_round(tmp_path, caplog):
     with FakeSGLang(lambda ids, p: FakeReply("\\boxed{5}")) as srv:  # every group all-wrong: zero std
         args = make_args(
-            prompts(tmp_path, ["a", "b", "c", "d"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "2",
-            "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std_with_fallback",
+            prompts(tmp_path, ["a", "b", "c", "d"]),
+            srv.url,
+            "--rm-type",
+            "math",
+            "--n-samples-per-prompt",
+            "2",
+            "--dynamic-sampling-filter-path",
+            "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std_with_fallback",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     assert out.metrics["rollout/sampling_rounds"] == 1 and out.metrics["rollout/dropped_groups"] == 0
@@ -232,13 +301,23 @@ def test_a_filter_that_drops_everything_is_reported(tmp_path, caplog):
 
     def responder(ids, payload):
         calls["n"] += 1
-        return FakeReply("\\boxed{4}" if calls["n"] > 8 and payload["sampling_params"]["sampling_seed"] % 2 else "\\boxed{5}")
+        return FakeReply(
+            "\\boxed{4}" if calls["n"] > 8 and payload["sampling_params"]["sampling_seed"] % 2 else "\\boxed{5}"
+        )
 
     with FakeSGLang(responder) as srv, caplog.at_level("WARNING"):
         args = make_args(
-            prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "2",
-            "--rollout-batch-size", "1", "--rollout-deterministic-seeds",
-            "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+            prompts(tmp_path, ["a", "b", "c"]),
+            srv.url,
+            "--rm-type",
+            "math",
+            "--n-samples-per-prompt",
+            "2",
+            "--rollout-batch-size",
+            "1",
+            "--rollout-deterministic-seeds",
+            "--dynamic-sampling-filter-path",
+            "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     assert out.metrics["rollout/dropped_groups"] == 4 and out.metrics["rollout/sampling_rounds"] == 5

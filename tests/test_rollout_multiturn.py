@@ -28,8 +28,15 @@ def tokenizer():
 
 @pytest.mark.parametrize(
     "expr, value",
-    [("12*(3+4)", "84"), ("2^10", "1024"), ("7/2", "3.5"), ("-3 + 1", "-2"), ("1/0", "error: division by zero"),
-     ("__import__('os')", "error: unsupported expression element Call"), ("9**99999", "error: exponent too large")],
+    [
+        ("12*(3+4)", "84"),
+        ("2^10", "1024"),
+        ("7/2", "3.5"),
+        ("-3 + 1", "-2"),
+        ("1/0", "error: division by zero"),
+        ("__import__('os')", "error: unsupported expression element Call"),
+        ("9**99999", "error: exponent too large"),
+    ],
 )
 def test_calculator(expr, value):
     assert evaluate_expression(expr) == value
@@ -47,8 +54,16 @@ def test_tool_loop_masks_tool_tokens(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 12*(3+4)?", "label": "84"}])
     with FakeSGLang(model) as srv:
         args = make_args(
-            data, srv.url, "--rollout-batch-size", "1", "--rm-type", "math", "--custom-generate-function-path", PLUGIN,
-            "--rollout-max-response-len", "256",
+            data,
+            srv.url,
+            "--rollout-batch-size",
+            "1",
+            "--rm-type",
+            "math",
+            "--custom-generate-function-path",
+            PLUGIN,
+            "--rollout-max-response-len",
+            "256",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
         n_requests = len(srv.requests)
@@ -79,8 +94,16 @@ def test_tool_loop_respects_the_token_budget(tmp_path):
 
     with FakeSGLang(model) as srv:
         args = make_args(
-            data, srv.url, "--rollout-batch-size", "1", "--rm-type", "math", "--custom-generate-function-path", PLUGIN,
-            "--rollout-max-response-len", str(budget),
+            data,
+            srv.url,
+            "--rollout-batch-size",
+            "1",
+            "--rm-type",
+            "math",
+            "--custom-generate-function-path",
+            PLUGIN,
+            "--rollout-max-response-len",
+            str(budget),
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     s = out.samples[0][0]

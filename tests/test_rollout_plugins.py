@@ -119,10 +119,19 @@ def test_rl_group_fits_the_main_parser():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--custom-generate-function-path", "test_rollout_plugins.generate_no_params"], r"expected a function taking \(args, sample, sampling_params\)"),
+        (
+            ["--custom-generate-function-path", "test_rollout_plugins.generate_no_params"],
+            r"expected a function taking \(args, sample, sampling_params\)",
+        ),
         (["--custom-generate-function-path", "test_rollout_plugins.nope"], "has no attribute 'nope'"),
-        (["--custom-rm-path", "test_rollout_plugins.sync_reward"], "--custom-rm-path 'test_rollout_plugins.sync_reward': sync_reward must be an async function"),
-        (["--dynamic-sampling-filter-path", "test_rollout_plugins.async_filter"], "must be a plain function, not async"),
+        (
+            ["--custom-rm-path", "test_rollout_plugins.sync_reward"],
+            "--custom-rm-path 'test_rollout_plugins.sync_reward': sync_reward must be an async function",
+        ),
+        (
+            ["--dynamic-sampling-filter-path", "test_rollout_plugins.async_filter"],
+            "must be a plain function, not async",
+        ),
         (["--dynamic-sampling-filter-path", "no_such_module.f"], "cannot import module 'no_such_module'"),
     ],
 )
@@ -153,12 +162,27 @@ def answer(ids, payload):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--custom-rm-path", "test_rollout_plugins.reward_none"], r"--custom-rm-path 'test_rollout_plugins.reward_none' on sample \d+: reward is None"),
+        (
+            ["--custom-rm-path", "test_rollout_plugins.reward_none"],
+            r"--custom-rm-path 'test_rollout_plugins.reward_none' on sample \d+: reward is None",
+        ),
         (["--custom-rm-path", "test_rollout_plugins.reward_text"], "reward 'good' is a str, expected a number"),
-        (["--custom-rm-path", "test_rollout_plugins.group_reward_short", "--group-rm"], "returned 1 rewards for a group of 2 samples"),
-        (["--custom-generate-function-path", "test_rollout_plugins.generate_returns_dict", "--rm-type", "math"], "generate_returns_dict' returned dict; expected a Sample"),
-        (["--custom-generate-function-path", "test_rollout_plugins.generate_drops_sample", "--rm-type", "math"], "returned list of"),
-        (["--dynamic-sampling-filter-path", "test_rollout_plugins.filter_returns_int", "--rm-type", "math"], "filter_returns_int returned int"),
+        (
+            ["--custom-rm-path", "test_rollout_plugins.group_reward_short", "--group-rm"],
+            "returned 1 rewards for a group of 2 samples",
+        ),
+        (
+            ["--custom-generate-function-path", "test_rollout_plugins.generate_returns_dict", "--rm-type", "math"],
+            "generate_returns_dict' returned dict; expected a Sample",
+        ),
+        (
+            ["--custom-generate-function-path", "test_rollout_plugins.generate_drops_sample", "--rm-type", "math"],
+            "returned list of",
+        ),
+        (
+            ["--dynamic-sampling-filter-path", "test_rollout_plugins.filter_returns_int", "--rm-type", "math"],
+            "filter_returns_int returned int",
+        ),
         ([], "no reward: set --rm-type"),
     ],
 )

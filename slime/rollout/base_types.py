@@ -43,7 +43,9 @@ def _name(fn: Callable) -> str:
 
 def _check_train(fn: Callable, output: RolloutFnTrainOutput) -> None:
     if not isinstance(output.samples, list):
-        raise TypeError(f"rollout function {_name(fn)} returned samples of type {type(output.samples).__name__}, expected a list")
+        raise TypeError(
+            f"rollout function {_name(fn)} returned samples of type {type(output.samples).__name__}, expected a list"
+        )
     for i, item in enumerate(output.samples):
         group = item if isinstance(item, list) else [item]
         for sample in group:
@@ -56,10 +58,14 @@ def _check_train(fn: Callable, output: RolloutFnTrainOutput) -> None:
 
 def _check_eval(fn: Callable, output: RolloutFnEvalOutput) -> None:
     if not isinstance(output.data, dict):
-        raise TypeError(f"rollout function {_name(fn)} (evaluation) returned {type(output.data).__name__}, expected a dict of datasets")
+        raise TypeError(
+            f"rollout function {_name(fn)} (evaluation) returned {type(output.data).__name__}, expected a dict of datasets"
+        )
     for name, entry in output.data.items():
         if not isinstance(entry, dict) or "rewards" not in entry:
-            raise TypeError(f"rollout function {_name(fn)} (evaluation): data[{name!r}] must be a dict with a 'rewards' list")
+            raise TypeError(
+                f"rollout function {_name(fn)} (evaluation): data[{name!r}] must be a dict with a 'rewards' list"
+            )
 
 
 def call_rollout_fn(fn: Callable, *args, evaluation: bool, **kwargs) -> RolloutFnTrainOutput | RolloutFnEvalOutput:
@@ -69,7 +75,9 @@ def call_rollout_fn(fn: Callable, *args, evaluation: bool, **kwargs) -> RolloutF
     raises TypeError naming the function.
     """
     output = fn(*args, **kwargs, evaluation=evaluation)
-    wanted, other = (RolloutFnEvalOutput, RolloutFnTrainOutput) if evaluation else (RolloutFnTrainOutput, RolloutFnEvalOutput)
+    wanted, other = (
+        (RolloutFnEvalOutput, RolloutFnTrainOutput) if evaluation else (RolloutFnTrainOutput, RolloutFnEvalOutput)
+    )
     if isinstance(output, other):
         kind = "an evaluation" if evaluation else "a training"
         raise TypeError(f"rollout function {_name(fn)} returned a {other.__name__} for {kind} call")

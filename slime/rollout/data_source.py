@@ -199,9 +199,13 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
         before = len(self.buffer)
         groups = self.buffer_filter(self.args, None, self.buffer, num_samples)
         if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-            raise PluginError(f"--buffer-filter-path {self._filter_name!r} returned {type(groups).__name__}; expected a list of groups")
+            raise PluginError(
+                f"--buffer-filter-path {self._filter_name!r} returned {type(groups).__name__}; expected a list of groups"
+            )
         if len(groups) > num_samples:
-            raise PluginError(f"--buffer-filter-path {self._filter_name!r} returned {len(groups)} groups, asked for at most {num_samples}")
+            raise PluginError(
+                f"--buffer-filter-path {self._filter_name!r} returned {len(groups)} groups, asked for at most {num_samples}"
+            )
         if before - len(self.buffer) != len(groups):
             raise PluginError(
                 f"--buffer-filter-path {self._filter_name!r} returned {len(groups)} groups but removed "
@@ -219,7 +223,9 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
         for i, group in enumerate(samples):
             if not isinstance(group, list) or len(group) != self.n_samples_per_prompt:
                 size = len(group) if isinstance(group, list) else type(group).__name__
-                raise ValueError(f"add_samples: group {i} has {size} samples, expected --n-samples-per-prompt {self.n_samples_per_prompt}")
+                raise ValueError(
+                    f"add_samples: group {i} has {size} samples, expected --n-samples-per-prompt {self.n_samples_per_prompt}"
+                )
             self.buffer.append(group)
 
     def state_dict(self) -> dict:
@@ -244,5 +250,7 @@ def build_data_source(args) -> DataSource:
     source = cls(args)
     missing = [m for m in _DATA_SOURCE_METHODS if not callable(getattr(source, m, None))]
     if missing:
-        raise PluginError(f"--data-source-path {path!r}: {type(source).__name__} lacks {', '.join(missing)} (see slime.rollout.data_source.DataSource)")
+        raise PluginError(
+            f"--data-source-path {path!r}: {type(source).__name__} lacks {', '.join(missing)} (see slime.rollout.data_source.DataSource)"
+        )
     return source

@@ -22,7 +22,9 @@ __all__ = ["HTTPRequestError", "get_json", "post_json", "session_scope"]
 
 logger = logging.getLogger(__name__)
 
-_SESSION: contextvars.ContextVar[aiohttp.ClientSession | None] = contextvars.ContextVar("slime_rollout_session", default=None)
+_SESSION: contextvars.ContextVar[aiohttp.ClientSession | None] = contextvars.ContextVar(
+    "slime_rollout_session", default=None
+)
 
 # Generation of long responses can take minutes; a hung server still surfaces eventually.
 DEFAULT_TIMEOUT_S = 3600.0
@@ -61,7 +63,9 @@ async def _request(method: str, url: str, payload: Any, retries: int, backoff_s:
             async with _session() as session:
                 async with session.request(method, url, json=payload) as resp:
                     if resp.status >= 500:
-                        raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status, message=await resp.text())
+                        raise aiohttp.ClientResponseError(
+                            resp.request_info, resp.history, status=resp.status, message=await resp.text()
+                        )
                     if resp.status >= 400:
                         raise HTTPRequestError(f"{method} {url} -> HTTP {resp.status}: {(await resp.text())[:500]}")
                     return await resp.json(content_type=None)
@@ -70,9 +74,20 @@ async def _request(method: str, url: str, payload: Any, retries: int, backoff_s:
             if attempt == retries:
                 break
             delay = min(backoff_s * 2**attempt, 10.0)
-            logger.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", method, url, type(e).__name__, e, attempt + 1, retries, delay)
+            logger.warning(
+                "%s %s failed (%s: %s); retry %d/%d in %.1fs",
+                method,
+                url,
+                type(e).__name__,
+                e,
+                attempt + 1,
+                retries,
+                delay,
+            )
             await asyncio.sleep(delay)
-    raise HTTPRequestError(f"{method} {url} failed after {retries + 1} attempts: {type(last).__name__}: {last}") from last
+    raise HTTPRequestError(
+        f"{method} {url} failed after {retries + 1} attempts: {type(last).__name__}: {last}"
+    ) from last
 
 
 async def post_json(url: str, payload: Any, retries: int = 3, backoff_s: float = 0.5) -> Any:

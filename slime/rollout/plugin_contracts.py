@@ -75,7 +75,11 @@ def check_generated(path: str, result: Any) -> Sample | list[Sample]:
     """A generate plugin must return the Sample (or a non-empty list of Samples, fan-out)."""
     items = result if isinstance(result, list) else [result]
     if not items or not all(isinstance(s, Sample) for s in items):
-        got = type(result).__name__ if not isinstance(result, list) else f"list of {sorted({type(s).__name__ for s in items})}"
+        got = (
+            type(result).__name__
+            if not isinstance(result, list)
+            else f"list of {sorted({type(s).__name__ for s in items})}"
+        )
         raise PluginError(f"{GENERATE_FLAG} {path!r} returned {got}; expected a Sample or a non-empty list of Sample")
     for s in items:
         if s.loss_mask is not None and len(s.loss_mask) != s.response_length:
@@ -84,7 +88,9 @@ def check_generated(path: str, result: Any) -> Sample | list[Sample]:
                 f"for response_length {s.response_length}"
             )
         if s.response_length > len(s.tokens):
-            raise PluginError(f"{GENERATE_FLAG} {path!r}: sample {s.index} response_length {s.response_length} > {len(s.tokens)} tokens")
+            raise PluginError(
+                f"{GENERATE_FLAG} {path!r}: sample {s.index} response_length {s.response_length} > {len(s.tokens)} tokens"
+            )
     return result
 
 
@@ -92,7 +98,9 @@ def check_reward(source: str, value: Any, sample: Sample, reward_key: str | None
     """A reward is a finite number, or a dict holding ``--reward-key``; never None."""
     where = f"{source} on sample {sample.index}"
     if value is None:
-        raise PluginError(f"{where}: reward is None; a reward function must return a number (or a dict with --reward-key)")
+        raise PluginError(
+            f"{where}: reward is None; a reward function must return a number (or a dict with --reward-key)"
+        )
     if isinstance(value, dict):
         if reward_key and reward_key not in value:
             raise PluginError(f"{where}: reward dict {sorted(value)} has no --reward-key {reward_key!r}")
@@ -111,7 +119,9 @@ def check_reward(source: str, value: Any, sample: Sample, reward_key: str | None
 def check_group_rewards(source: str, values: Any, samples: list[Sample], reward_key: str | None = None) -> list:
     """A group reward function returns one reward per sample, in order."""
     if not isinstance(values, (list, tuple)):
-        raise PluginError(f"{source} (group): returned {type(values).__name__}; expected a list of {len(samples)} rewards")
+        raise PluginError(
+            f"{source} (group): returned {type(values).__name__}; expected a list of {len(samples)} rewards"
+        )
     if len(values) != len(samples):
         raise PluginError(f"{source} (group): returned {len(values)} rewards for a group of {len(samples)} samples")
     return [check_reward(source, v, s, reward_key) for v, s in zip(values, samples)]

@@ -33,12 +33,24 @@ def add_prompt_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     """RL prompt-data flags. --prompt-data/--input-key/--label-key/--metadata-key/--tool-key,
     --rollout-shuffle/--rollout-seed and --apply-chat-template-kwargs come from the data group."""
     g = parser.add_argument_group("RL prompt data")
-    g.add_argument("--prompt-key", default=None, help="column with the prompt (string or messages); default: --input-key")
-    g.add_argument("--apply-chat-template", action="store_true", help="render message prompts with the tokenizer's chat template")
-    g.add_argument("--rollout-max-prompt-len", type=int, default=None, help="drop (and count) prompts longer than this many tokens")
+    g.add_argument(
+        "--prompt-key", default=None, help="column with the prompt (string or messages); default: --input-key"
+    )
+    g.add_argument(
+        "--apply-chat-template", action="store_true", help="render message prompts with the tokenizer's chat template"
+    )
+    g.add_argument(
+        "--rollout-max-prompt-len", type=int, default=None, help="drop (and count) prompts longer than this many tokens"
+    )
     g.add_argument("--eval-max-prompt-len", type=int, default=None, help="as --rollout-max-prompt-len for eval data")
-    g.add_argument("--data-source-path", default=DEFAULT_DATA_SOURCE, help="class(args) serving prompt groups to the rollout")
-    g.add_argument("--buffer-filter-path", default=None, help="fn(args, rollout_id, buffer, num_samples) choosing buffered groups; default pop_first")
+    g.add_argument(
+        "--data-source-path", default=DEFAULT_DATA_SOURCE, help="class(args) serving prompt groups to the rollout"
+    )
+    g.add_argument(
+        "--buffer-filter-path",
+        default=None,
+        help="fn(args, rollout_id, buffer, num_samples) choosing buffered groups; default pop_first",
+    )
     return parser
 
 
@@ -128,7 +140,11 @@ class PromptDataset:
         if too_long:
             logger.warning(
                 "%s: dropped %d of %d prompts longer than --rollout-max-prompt-len %d tokens (first: %s)",
-                cfg.path, len(too_long), len(rows), cfg.max_prompt_len, ", ".join(too_long[:5]),
+                cfg.path,
+                len(too_long),
+                len(rows),
+                cfg.max_prompt_len,
+                ", ".join(too_long[:5]),
             )
         if not self.samples:
             raise ValueError(f"{cfg.path}: no usable prompt ({self.report})")
@@ -154,7 +170,9 @@ class PromptDataset:
             except json.JSONDecodeError as e:
                 raise RowFieldError(cfg.metadata_key, f"is a string but not valid JSON ({e.msg})") from None
         if metadata is not None and not isinstance(metadata, dict):
-            raise RowFieldError(cfg.metadata_key, f"must be an object or its JSON string, got {type(metadata).__name__}")
+            raise RowFieldError(
+                cfg.metadata_key, f"must be an object or its JSON string, got {type(metadata).__name__}"
+            )
         if cfg.apply_chat_template:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -165,7 +183,9 @@ class PromptDataset:
             )
         else:
             if not isinstance(prompt, str):
-                raise RowFieldError(cfg.prompt_key, f"is a {type(prompt).__name__}; message lists need --apply-chat-template")
+                raise RowFieldError(
+                    cfg.prompt_key, f"is a {type(prompt).__name__}; message lists need --apply-chat-template"
+                )
             text = prompt
         label = row.get(cfg.label_key) if cfg.label_key else None
         return text, label, dict(metadata or {})

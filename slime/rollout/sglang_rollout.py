@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
-from slime.rollout.config import RolloutConfig, _engine_url
+from slime.rollout.config import RolloutConfig, engine_url
 from slime.rollout.filter_hub.base_types import call_dynamic_filter
 from slime.rollout.http_utils import HTTPRequestError, get_json, post_json, session_scope
 from slime.rollout.metrics import flatten_groups, rollout_metrics, scalar_reward
@@ -49,10 +49,19 @@ from slime.rollout.plugin_contracts import (
     load_generate_function,
     takes_evaluation,
 )
-from slime.rollout.rm_hub import async_rm, batched_async_rm
+from slime.rollout.rm_hub import batched_async_rm
 from slime.utils.types import Sample
 
-__all__ = ["RolloutAborted", "engine_generate", "eval_rollout", "generate", "generate_and_rm", "generate_and_rm_group", "generate_rollout", "generate_rollout_async"]
+__all__ = [
+    "RolloutAborted",
+    "engine_generate",
+    "eval_rollout",
+    "generate",
+    "generate_and_rm",
+    "generate_and_rm_group",
+    "generate_rollout",
+    "generate_rollout_async",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +103,14 @@ def _require_url(url: str | None) -> str:
 
 
 def _check_reply(url: str, out: Any) -> dict:
-    if not isinstance(out, dict) or not isinstance(out.get("meta_info"), dict) or "finish_reason" not in out["meta_info"]:
-        raise RuntimeError(f"{url}/generate: reply is not SGLang-shaped (need meta_info.finish_reason): {str(out)[:300]}")
+    if (
+        not isinstance(out, dict)
+        or not isinstance(out.get("meta_info"), dict)
+        or "finish_reason" not in out["meta_info"]
+    ):
+        raise RuntimeError(
+            f"{url}/generate: reply is not SGLang-shaped (need meta_info.finish_reason): {str(out)[:300]}"
+        )
     return out
 
 
@@ -108,7 +123,7 @@ async def engine_generate(args, payload: dict) -> dict:
     run = _RUN.get()
     if run is not None and run.aborted:
         raise RolloutAborted()
-    url = run.url if run is not None else _require_url(_engine_url(args))
+    url = run.url if run is not None else _require_url(engine_url(args))
     out = _check_reply(url, await post_json(f"{url}/generate", payload))
     if run is not None:
         run.requests += 1
@@ -143,9 +158,13 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
     if params["max_new_tokens"] <= 0:
         sample.status = Sample.Status.TRUNCATED
         return sample
-    out = await engine_generate(args, {"input_ids": list(sample.tokens), "sampling_params": params, "return_logprob": True})
+    out = await engine_generate(
+        args, {"input_ids": list(sample.tokens), "sampling_params": params, "return_logprob": True}
+    )
     tokens, log_probs = _reply_tokens(out)
-    sample.append_response_tokens(args, tokens=tokens, log_probs=log_probs, meta_info=out["meta_info"], text=out.get("text", ""))
+    sample.append_response_tokens(
+        args, tokens=tokens, log_probs=log_probs, meta_info=out["meta_info"], text=out.get("text", "")
+    )
     return sample
 
 
@@ -177,10 +196,17 @@ def _finished(sample: Sample) -> bool:
     return sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED, Sample.Status.FAILED)
 
 
-async def generate_and_rm(args, sample: Sample, sampling_params: dict, evaluation: bool = False) -> Sample | list[Sample]:
+async def generate_and_rm(
+    args, sample: Sample, sampling_params: dict, evaluation: bool = False
+) -> Sample | list[Sample]:
     """Generate ``sample`` (unless a buffered sample already finished) and reward it."""
     run = _RUN.get()
-    if args.partial_rollout and args.mask_offpolicy_in_partial_rollout and sample.response_length and not _finished(sample):
+    continuing = sample.response_length and not _finished(sample)
+    if (
+        continuing
+        and getattr(args, "partial_rollout", False)
+        and getattr(args, "mask_offpolicy_in_partial_rollout", False)
+    ):
         # Tokens from earlier weights are off-policy: keep them as context, train on none of them.
         sample.loss_mask = [0] * sample.response_length
     if not _finished(sample):
@@ -260,7 +286,13 @@ def _log_first(run: _Run, group: list) -> None:
         return
     run.first_logged = True
     s = flatten_groups([group])[0]
-    logger.info("first rollout sample: prompt+response=%r label=%r reward=%r status=%s", (str(s.prompt) + s.response)[-600:], str(s.label)[:100], s.reward, s.status.value)
+    logger.info(
+        "first rollout sample: prompt+response=%r label=%r reward=%r status=%s",
+        (str(s.prompt) + s.response)[-600:],
+        str(s.label)[:100],
+        s.reward,
+        s.status.value,
+    )
 
 
 async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[RolloutFnTrainOutput, list[list[Sample]]]:
@@ -271,7 +303,9 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
     cfg = RolloutConfig.from_args(args)
     get_samples: Callable = data_source.get_samples if hasattr(data_source, "get_samples") else data_source
     dynamic_filter = load_dynamic_filter(cfg.dynamic_sampling_filter_path) if cfg.dynamic_sampling_filter_path else None
-    run = _Run(cfg=cfg, url=_require_url(cfg.router_url), semaphore=asyncio.Semaphore(cfg.concurrency), rollout_id=rollout_id)
+    run = _Run(
+        cfg=cfg, url=_require_url(cfg.router_url), semaphore=asyncio.Semaphore(cfg.concurrency), rollout_id=rollout_id
+    )
     token = _RUN.set(run)
     target, n = cfg.rollout_batch_size, cfg.n_samples_per_prompt
     kept: list[list] = []
@@ -321,7 +355,11 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
                             # A filter that rejects (almost) everything would otherwise spin silently.
                             logger.warning(
                                 "rollout %d: %d groups dropped so far %s, %d of %d kept; check the filter or the data",
-                                rollout_id, sum(dropped.values()), dict(dropped), len(kept), target,
+                                rollout_id,
+                                sum(dropped.values()),
+                                dict(dropped),
+                                len(kept),
+                                target,
                             )
                         continue
                     kept.append(group)
@@ -361,7 +399,11 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
     if not cfg.partial_rollout:
         metrics["rollout/discarded_groups"] = len(leftover)
         if leftover:
-            logger.info("rollout %d: discarded %d unfinished/surplus groups (use --partial-rollout to keep them)", rollout_id, len(leftover))
+            logger.info(
+                "rollout %d: discarded %d unfinished/surplus groups (use --partial-rollout to keep them)",
+                rollout_id,
+                len(leftover),
+            )
         leftover = []
     else:
         metrics["rollout/partial_groups_buffered"] = len(leftover)
@@ -388,7 +430,9 @@ async def eval_rollout(args, rollout_id: int) -> RolloutFnEvalOutput:
     if not pairs or len(pairs) % 2:
         raise ValueError("--eval-prompt-data takes NAME PATH pairs")
     reward_key = getattr(args, "eval_reward_key", None) or getattr(args, "reward_key", None)
-    run = _Run(cfg=cfg, url=_require_url(cfg.router_url), semaphore=asyncio.Semaphore(cfg.concurrency), rollout_id=rollout_id)
+    run = _Run(
+        cfg=cfg, url=_require_url(cfg.router_url), semaphore=asyncio.Semaphore(cfg.concurrency), rollout_id=rollout_id
+    )
     token = _RUN.set(run)
     sampling_params = cfg.sampling_params(evaluation=True)
     data, metrics = {}, {}
@@ -405,7 +449,9 @@ async def eval_rollout(args, rollout_id: int) -> RolloutFnEvalOutput:
                         index += 1
                         group.append(s)
                     groups.append(group)
-                results = await _gather_or_cancel(generate_and_rm_group(args, g, sampling_params, evaluation=True) for g in groups)
+                results = await _gather_or_cancel(
+                    generate_and_rm_group(args, g, sampling_params, evaluation=True) for g in groups
+                )
                 samples = flatten_groups(list(results))
                 elapsed = time.perf_counter() - start
                 data[name] = {
@@ -415,10 +461,16 @@ async def eval_rollout(args, rollout_id: int) -> RolloutFnEvalOutput:
                 }
                 metrics.update(rollout_metrics(samples, reward_key, f"eval/{name}"))
                 metrics[f"eval/{name}/time_s"] = elapsed
-                metrics[f"eval/{name}/gen_tokens_per_s"] = (run.generated_tokens - tokens_before) / elapsed if elapsed > 0 else 0.0
+                metrics[f"eval/{name}/gen_tokens_per_s"] = (
+                    (run.generated_tokens - tokens_before) / elapsed if elapsed > 0 else 0.0
+                )
                 logger.info(
                     "eval %s (rollout %d): reward mean %.4f, truncated %.3f over %d samples",
-                    name, rollout_id, metrics.get(f"eval/{name}/reward_mean", float("nan")), metrics[f"eval/{name}/truncated_ratio"], len(samples),
+                    name,
+                    rollout_id,
+                    metrics.get(f"eval/{name}/reward_mean", float("nan")),
+                    metrics[f"eval/{name}/truncated_ratio"],
+                    len(samples),
                 )
     finally:
         _RUN.reset(token)
@@ -441,7 +493,9 @@ def run_sync(coro):
     return asyncio.run_coroutine_threadsafe(coro, _LOOP).result()
 
 
-def generate_rollout(args, rollout_id: int, data_source, evaluation: bool = False) -> RolloutFnTrainOutput | RolloutFnEvalOutput:
+def generate_rollout(
+    args, rollout_id: int, data_source, evaluation: bool = False
+) -> RolloutFnTrainOutput | RolloutFnEvalOutput:
     """slime's rollout entry point (see the module doc)."""
     if evaluation:
         return run_sync(eval_rollout(args, rollout_id))

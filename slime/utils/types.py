@@ -94,10 +94,13 @@ class Sample:
         if tokens:
             self.tokens = list(self.tokens) + tokens
             self.response_length += len(tokens)
-            self.loss_mask = (list(self.loss_mask) if self.loss_mask is not None else [1] * before) + [int(trainable)] * len(tokens)
+            mask = list(self.loss_mask) if self.loss_mask is not None else [1] * before
+            self.loss_mask = mask + [int(trainable)] * len(tokens)
         if log_probs is not None and tokens:
             if self.rollout_log_probs is None and before and trainable:
-                raise ValueError(f"sample {self.index}: has {before} response tokens without log-probs; cannot append log-probs")
+                raise ValueError(
+                    f"sample {self.index}: has {before} response tokens without log-probs; cannot append log-probs"
+                )
             previous = self.rollout_log_probs if self.rollout_log_probs is not None else [0.0] * before
             self.rollout_log_probs = list(previous) + [float(x) for x in log_probs]
         if meta_info:
@@ -105,12 +108,19 @@ class Sample:
                 self.weight_versions.append(str(meta_info["weight_version"]))
             reason = (meta_info.get("finish_reason") or {}).get("type") if update_terminal_info else None
             if reason is not None:
-                statuses = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
+                statuses = {
+                    "stop": Sample.Status.COMPLETED,
+                    "length": Sample.Status.TRUNCATED,
+                    "abort": Sample.Status.ABORTED,
+                }
                 if reason not in statuses:
                     raise ValueError(f"sample {self.index}: unknown finish_reason type {reason!r} from the engine")
                 self.status = statuses[reason]
         if self.loss_mask is not None and len(self.loss_mask) != self.response_length:
-            raise ValueError(f"sample {self.index}: loss_mask has {len(self.loss_mask)} entries for {self.response_length} response tokens")
+            raise ValueError(
+                f"sample {self.index}: loss_mask has {len(self.loss_mask)} entries "
+                f"for {self.response_length} response tokens"
+            )
 
     def full_loss_mask(self) -> list[int]:
         """``loss_mask`` padded with zeros over the prompt: aligned with ``tokens``."""

@@ -93,11 +93,22 @@ async def generate(args, sample: Sample, sampling_params: dict, evaluation: bool
         if left <= 0:
             sample.status = Sample.Status.TRUNCATED
             return sample
-        out = await engine_generate(args, {"input_ids": list(sample.tokens), "sampling_params": {**params, "max_new_tokens": left}, "return_logprob": True})
+        out = await engine_generate(
+            args,
+            {
+                "input_ids": list(sample.tokens),
+                "sampling_params": {**params, "max_new_tokens": left},
+                "return_logprob": True,
+            },
+        )
         entries = out["meta_info"]["output_token_logprobs"]
         turn = out.get("text", "")
         sample.append_response_tokens(
-            args, tokens=[e[1] for e in entries], log_probs=[e[0] for e in entries], meta_info=out["meta_info"], text=turn
+            args,
+            tokens=[e[1] for e in entries],
+            log_probs=[e[0] for e in entries],
+            meta_info=out["meta_info"],
+            text=turn,
         )
         call = _CALL.search(turn)
         if sample.status != Sample.Status.COMPLETED or call is None or not turn.rstrip().endswith(CALL_CLOSE):

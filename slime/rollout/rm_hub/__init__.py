@@ -43,7 +43,9 @@ def rule_based_reward(rm_type: str, response: str, label):
         return boxed_math_reward(response, label)
     if rm_type == "f1":
         return f1_score(response, "" if label is None else str(label))[0]
-    raise ValueError(f"--rm-type {rm_type!r} is not a built-in reward; choose one of {', '.join(RM_TYPES)} or set --custom-rm-path")
+    raise ValueError(
+        f"--rm-type {rm_type!r} is not a built-in reward; choose one of {', '.join(RM_TYPES)} or set --custom-rm-path"
+    )
 
 
 def _reward_key(args, evaluation: bool) -> str | None:

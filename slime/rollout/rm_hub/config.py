@@ -12,8 +12,14 @@ def add_reward_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     from slime.rollout.rm_hub import RM_TYPES
 
     g = parser.add_argument_group("rewards")
-    g.add_argument("--rm-type", default=None, help=f"built-in reward: {', '.join(RM_TYPES)} (boxed_<type> grades the last \\boxed{{}})")
-    g.add_argument("--rm-url", default=None, help="reward model server for --rm-type remote_rm (POST {prompt, response, label})")
+    g.add_argument(
+        "--rm-type",
+        default=None,
+        help=f"built-in reward: {', '.join(RM_TYPES)} (boxed_<type> grades the last \\boxed{{}})",
+    )
+    g.add_argument(
+        "--rm-url", default=None, help="reward model server for --rm-type remote_rm (POST {prompt, response, label})"
+    )
     g.add_argument(
         "--custom-rm-path",
         "--reward-fn-path",
@@ -21,8 +27,12 @@ def add_reward_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=None,
         help="async def reward(args, sample, **kwargs) -> float | dict (pkg.mod.fn or pkg.mod:fn)",
     )
-    g.add_argument("--group-rm", action="store_true", help="call --custom-rm-path once per group: reward(args, samples) -> list")
-    g.add_argument("--reward-key", default=None, help="field of dict rewards used as the scalar reward (e.g. 'score' for dapo)")
+    g.add_argument(
+        "--group-rm", action="store_true", help="call --custom-rm-path once per group: reward(args, samples) -> list"
+    )
+    g.add_argument(
+        "--reward-key", default=None, help="field of dict rewards used as the scalar reward (e.g. 'score' for dapo)"
+    )
     g.add_argument("--eval-reward-key", default=None, help="as --reward-key for eval (default: --reward-key)")
     return parser
 
@@ -49,7 +59,9 @@ class RewardConfig:
         elif self.rm_type:
             base = self.rm_type[len("boxed_") :] if self.rm_type.startswith("boxed_") else self.rm_type
             if base not in RM_TYPES:
-                raise ValueError(f"--rm-type {self.rm_type!r}: choose one of {', '.join(RM_TYPES)} (optionally boxed_<type>)")
+                raise ValueError(
+                    f"--rm-type {self.rm_type!r}: choose one of {', '.join(RM_TYPES)} (optionally boxed_<type>)"
+                )
             if base == "remote_rm" and not self.rm_url:
                 raise ValueError("--rm-type remote_rm needs --rm-url")
         if self.rm_type == "dapo" and not self.reward_key:

@@ -19,8 +19,26 @@ _ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
 
 # Unit words and markup that decorate an otherwise numeric final answer.
 _UNIT_WORDS = (
-    "square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "points", "feet",
-    "minutes", "digits", "cents", "degrees", "cm", "pounds", "meters", "students", "edges",
+    "square",
+    "ways",
+    "integers",
+    "dollars",
+    "mph",
+    "inches",
+    "hours",
+    "km",
+    "units",
+    "points",
+    "feet",
+    "minutes",
+    "digits",
+    "cents",
+    "degrees",
+    "cm",
+    "pounds",
+    "meters",
+    "students",
+    "edges",
 )
 _MARKUP = ("\\ldots", "\\dots", "\\;", ",\\!", "{,}", '"', "<|im_end|>", "<|endoftext|>", "\\%", "^\\circ", "^{\\circ}")
 

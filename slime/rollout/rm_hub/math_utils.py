@@ -98,7 +98,9 @@ def to_number(answer: str) -> Fraction | None:
     s = normalize_answer(answer)
     if _NUMBER.fullmatch(s):
         return Fraction(s)
-    m = re.fullmatch(r"([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s) or re.fullmatch(r"([-+]?)\(?([^/(){}]+)\)?/\(?([^/(){}]+)\)?", s)
+    m = re.fullmatch(r"([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s) or re.fullmatch(
+        r"([-+]?)\(?([^/(){}]+)\)?/\(?([^/(){}]+)\)?", s
+    )
     if m and _NUMBER.fullmatch(m.group(2)) and _NUMBER.fullmatch(m.group(3)):
         den = Fraction(m.group(3))
         if den == 0:
@@ -179,6 +181,11 @@ def is_equiv(prediction: str | None, reference: str | None) -> bool:
     if len(pa) > 1 and len(pa) == len(pb):
         if (a[0], a[-1]) != (b[0], b[-1]):  # (1,2) is not [1,2]
             return False
-        pa[0], pb[0], pa[-1], pb[-1] = pa[0].lstrip("([{"), pb[0].lstrip("([{"), pa[-1].rstrip(")]}"), pb[-1].rstrip(")]}")
+        pa[0], pb[0], pa[-1], pb[-1] = (
+            pa[0].lstrip("([{"),
+            pb[0].lstrip("([{"),
+            pa[-1].rstrip(")]}"),
+            pb[-1].rstrip(")]}"),
+        )
         return all(is_equiv(x, y) for x, y in zip(pa, pb))
     return _sympy_equal(a, b)
