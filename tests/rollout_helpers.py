@@ -142,23 +142,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def make_args(
     prompt_data: str, url: str | None = None, *extra: str, tokenizer_dir: str | None = None
 ) -> argparse.Namespace:
+    """Parsed RL args over ``prompt_data``; an ``extra`` item starting with ``--`` may hold several flags."""
     from conftest import TINY
 
-    argv = [
-        "--hf-checkpoint",
-        tokenizer_dir or str(TINY),
-        "--prompt-data",
-        prompt_data,
-        "--input-key",
-        "prompt",
-        "--label-key",
-        "label",
-        "--rollout-batch-size",
-        "2",
-        "--rollout-max-response-len",
-        "64",
-        *extra,
-    ]
+    argv = ["--hf-checkpoint", tokenizer_dir or str(TINY), "--prompt-data", prompt_data]
+    argv += "--input-key prompt --label-key label --rollout-batch-size 2 --rollout-max-response-len 64".split()
+    for item in extra:
+        argv += item.split() if item.startswith("--") else [item]
     if url:
         host, port = url.rsplit(":", 1)
         argv += ["--sglang-router-ip", host.split("//")[1], "--sglang-router-port", port]

@@ -76,20 +76,11 @@ def test_eval_against_the_engine(engine_url, data):
     args = make_args(
         data,
         engine_url,
-        "--apply-chat-template",
-        "--rm-type",
-        "f1",
-        "--rollout-max-response-len",
+        "--apply-chat-template --rm-type f1 --rollout-max-response-len",
         str(MAX_LEN),
-        "--eval-prompt-data",
-        "tiny",
+        "--eval-prompt-data tiny",
         data,
-        "--n-samples-per-eval-prompt",
-        "2",
-        "--eval-max-response-len",
-        "3",
-        "--eval-temperature",
-        "0",
+        "--n-samples-per-eval-prompt 2 --eval-max-response-len 3 --eval-temperature 0",
     )
     out = generate_rollout(args, 0, None, evaluation=True)
     samples = out.data["tiny"]["samples"]

@@ -22,7 +22,7 @@ def rows(n):
 
 
 def test_prompt_samples_from_keys(tmp_path, tiny_tokenizer):
-    args = make_args(write_jsonl(tmp_path / "d.jsonl", rows(3)), None, "--n-samples-per-prompt", "2")
+    args = make_args(write_jsonl(tmp_path / "d.jsonl", rows(3)), None, "--n-samples-per-prompt 2")
     source = RolloutDataSource(args)
     groups = source.get_samples(2)
     assert [[s.index for s in g] for g in groups] == [[0, 1], [2, 3]]
@@ -39,7 +39,7 @@ def test_prompt_samples_from_keys(tmp_path, tiny_tokenizer):
 
 def test_prompt_key_overrides_input_key(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "Why?", "messages": "unused"}])
-    args = make_args(path, None, "--prompt-key", "question")
+    args = make_args(path, None, "--prompt-key question")
     assert RolloutDataSource(args).get_samples(1)[0][0].prompt == "Why?"
 
 
@@ -66,10 +66,7 @@ def test_chat_template_with_tools(tmp_path):
     args = make_args(
         write_jsonl(tmp_path / "d.jsonl", data),
         None,
-        "--apply-chat-template",
-        "--rollout-batch-size",
-        "1",
-        "--apply-chat-template-kwargs",
+        "--apply-chat-template --rollout-batch-size 1 --apply-chat-template-kwargs",
         '{"enable_thinking": false}',
         tokenizer_dir=str(QWEN3_TOKENIZER),
     )
@@ -92,12 +89,12 @@ def test_tiny_chat_template(tmp_path, tiny_tokenizer):
 
 def test_max_prompt_len_drops_and_counts(tmp_path, caplog):
     data = [{"prompt": "short"}, {"prompt": "a much longer prompt " * 20}, {"prompt": "also short"}]
-    args = make_args(write_jsonl(tmp_path / "d.jsonl", data), None, "--rollout-max-prompt-len", "8")
+    args = make_args(write_jsonl(tmp_path / "d.jsonl", data), None, "--rollout-max-prompt-len 8")
     with caplog.at_level("WARNING"):
         source = RolloutDataSource(args)
     assert len(source) == 2 and source.report == {"rows": 3, "kept": 2, "dropped_prompt_too_long": 1}
     assert "dropped 1 of 3 prompts" in caplog.text and "row 1 (line 2)" in caplog.text
-    args = make_args(write_jsonl(tmp_path / "e.jsonl", data[1:2]), None, "--rollout-max-prompt-len", "8")
+    args = make_args(write_jsonl(tmp_path / "e.jsonl", data[1:2]), None, "--rollout-max-prompt-len 8")
     with pytest.raises(ValueError, match="no usable prompt"):
         RolloutDataSource(args)
 
@@ -121,20 +118,20 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, extra, message):
 
 def test_epochs_shuffle_and_resume(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows(5))
-    args = make_args(path, None, "--rollout-shuffle", "--rollout-seed", "3")
+    args = make_args(path, None, "--rollout-shuffle --rollout-seed 3")
     a = RolloutDataSource(args)
     seen = [g[0].label for g in a.get_samples(7)]
     assert sorted(seen[:5]) == sorted(str(3 * i) for i in range(5))  # epoch 0 visits every prompt once
     assert seen[:5] != [str(3 * i) for i in range(5)]  # shuffled
-    b = RolloutDataSource(make_args(path, None, "--rollout-shuffle", "--rollout-seed", "3"))
+    b = RolloutDataSource(make_args(path, None, "--rollout-shuffle --rollout-seed 3"))
     assert [g[0].label for g in b.get_samples(7)] == seen  # same seed, same order
     state = json.loads(json.dumps(a.state_dict()))
-    c = RolloutDataSource(make_args(path, None, "--rollout-shuffle", "--rollout-seed", "3"))
+    c = RolloutDataSource(make_args(path, None, "--rollout-shuffle --rollout-seed 3"))
     c.load_state_dict(state)
     nxt = c.get_samples(2)
     assert [g[0].label for g in nxt] == [g[0].label for g in a.get_samples(2)]
     assert nxt[0][0].index == 7  # counters resume too
-    other = RolloutDataSource(make_args(path, None, "--rollout-shuffle", "--rollout-seed", "4"))
+    other = RolloutDataSource(make_args(path, None, "--rollout-shuffle --rollout-seed 4"))
     with pytest.raises(ValueError, match="saved seed=3"):
         other.load_state_dict(state)
 
@@ -142,7 +139,7 @@ def test_epochs_shuffle_and_resume(tmp_path):
 def test_save_load_files_and_buffer_state(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows(4))
     save = tmp_path / "ckpt"
-    args = make_args(path, None, "--save", str(save), "--n-samples-per-prompt", "2")
+    args = make_args(path, None, "--save", str(save), "--n-samples-per-prompt 2")
     args.load = str(save)
     src = RolloutDataSourceWithBuffer(args)
     groups = src.get_samples(2)
@@ -178,18 +175,18 @@ def newest_first(args, rollout_id, buffer, num_samples):
 
 def test_buffer_filter_plugin_and_contract(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows(4))
-    args = make_args(path, None, "--buffer-filter-path", "test_rollout_data_source:newest_first")
+    args = make_args(path, None, "--buffer-filter-path test_rollout_data_source:newest_first")
     src = RolloutDataSourceWithBuffer(args)
     src.add_samples([[Sample(index=i)] for i in range(3)])
     assert [g[0].index for g in src.get_samples(2)] == [2, 1]
     bad = RolloutDataSourceWithBuffer(
-        make_args(path, None, "--buffer-filter-path", "test_rollout_data_source.drop_all_but_one")
+        make_args(path, None, "--buffer-filter-path test_rollout_data_source.drop_all_but_one")
     )
     bad.add_samples([[Sample(index=0)]])
     with pytest.raises(PluginError, match="must remove exactly what it returns"):
         bad.get_samples(1)
     with pytest.raises(PluginError, match="--buffer-filter-path"):
-        RolloutDataSourceWithBuffer(make_args(path, None, "--buffer-filter-path", "test_rollout_data_source.nope"))
+        RolloutDataSourceWithBuffer(make_args(path, None, "--buffer-filter-path test_rollout_data_source.nope"))
 
 
 def test_config_errors():
@@ -212,9 +209,7 @@ def test_build_data_source_from_flag(tmp_path):
 
     path = write_jsonl(tmp_path / "d.jsonl", rows(2))
     assert type(build_data_source(make_args(path, None))) is RolloutDataSourceWithBuffer
-    plain = build_data_source(
-        make_args(path, None, "--data-source-path", "slime.rollout.data_source:RolloutDataSource")
-    )
+    plain = build_data_source(make_args(path, None, "--data-source-path slime.rollout.data_source:RolloutDataSource"))
     assert type(plain) is RolloutDataSource
     with pytest.raises(PluginError, match="NoBuffer lacks add_samples, save, load, __len__"):
-        build_data_source(make_args(path, None, "--data-source-path", "test_rollout_data_source.NoBuffer"))
+        build_data_source(make_args(path, None, "--data-source-path test_rollout_data_source.NoBuffer"))

@@ -37,9 +37,7 @@ def test_groups_tokens_logprobs_rewards_and_metrics(tmp_path):
         return FakeReply("The sum is \\boxed{4}." if prompt_tag(ids) == "a" else "It is \\boxed{5}.")
 
     with FakeSGLang(responder) as srv:
-        args = make_args(
-            prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "3"
-        )
+        args = make_args(prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type math --n-samples-per-prompt 3")
         source = RolloutDataSourceWithBuffer(args)
         out = call_rollout_fn(generate_rollout, args, 0, source, evaluation=False)
     assert isinstance(out, RolloutFnTrainOutput)
@@ -63,9 +61,7 @@ def test_groups_tokens_logprobs_rewards_and_metrics(tmp_path):
     assert m["rollout/time_s"] > 0 and m["rollout/kept_groups"] == 2 and m["rollout/dropped_groups"] == 0
     # The next rollout continues with the next prompt (c), then wraps around to a.
     with FakeSGLang(responder) as srv:
-        args2 = make_args(
-            prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type", "math", "--n-samples-per-prompt", "3"
-        )
+        args2 = make_args(prompts(tmp_path, ["a", "b", "c"]), srv.url, "--rm-type math --n-samples-per-prompt 3")
         out2 = generate_rollout(args2, 1, source)
     assert [g[0].group_index for g in out2.samples] == [2, 3] and out2.samples[1][0].reward == 1
 
@@ -75,25 +71,9 @@ def test_sampling_params_truncation_and_seeds(tmp_path):
         args = make_args(
             prompts(tmp_path, ["a", "b"]),
             srv.url,
-            "--rm-type",
-            "f1",
-            "--n-samples-per-prompt",
-            "2",
-            "--rollout-max-response-len",
-            "5",
-            "--rollout-temperature",
-            "0.7",
-            "--rollout-top-p",
-            "0.9",
-            "--rollout-top-k",
-            "20",
-            "--rollout-stop",
-            "</answer>",
-            "--rollout-stop-token-ids",
-            "151645",
-            "--rollout-deterministic-seeds",
-            "--rollout-seed",
-            "100",
+            "--rm-type f1 --n-samples-per-prompt 2 --rollout-max-response-len 5",
+            "--rollout-temperature 0.7 --rollout-top-p 0.9 --rollout-top-k 20 --rollout-stop </answer>",
+            "--rollout-stop-token-ids 151645 --rollout-deterministic-seeds --rollout-seed 100",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
         requests = list(srv.requests)
@@ -131,15 +111,8 @@ def test_dynamic_sampling_refills_then_aborts_what_is_still_running(tmp_path):
         args = make_args(
             prompts(tmp_path, [f"p{i}" for i in range(6)]),
             srv.url,
-            "--rm-type",
-            "math",
-            "--n-samples-per-prompt",
-            "2",
-            "--over-sampling-batch-size",
-            "3",
-            "--rollout-deterministic-seeds",
-            "--dynamic-sampling-filter-path",
-            "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+            "--rm-type math --n-samples-per-prompt 2 --over-sampling-batch-size 3",
+            "--rollout-deterministic-seeds --dynamic-sampling-filter-path slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
         )
         source = RolloutDataSourceWithBuffer(args)
         out = generate_rollout(args, 0, source)
@@ -166,15 +139,8 @@ def test_partial_rollout_continues_aborted_samples_next_rollout(tmp_path):
         args = make_args(
             data,
             srv.url,
-            "--rm-type",
-            "math",
-            "--n-samples-per-prompt",
-            "2",
-            "--rollout-batch-size",
-            "2",
-            "--over-sampling-batch-size",
-            "3",
-            "--partial-rollout",
+            "--rm-type math --n-samples-per-prompt 2 --rollout-batch-size 2",
+            "--over-sampling-batch-size 3 --partial-rollout",
         )
         source = RolloutDataSourceWithBuffer(args)
         first = generate_rollout(args, 0, source)
@@ -207,11 +173,7 @@ def test_mask_offpolicy_in_partial_rollout(tmp_path):
         args = make_args(
             prompts(tmp_path, ["a"]),
             srv.url,
-            "--rm-type",
-            "math",
-            "--rollout-batch-size",
-            "1",
-            "--partial-rollout",
+            "--rm-type math --rollout-batch-size 1 --partial-rollout",
             "--mask-offpolicy-in-partial-rollout",
         )
         source = RolloutDataSourceWithBuffer(args)
@@ -233,19 +195,11 @@ def test_eval_per_dataset(tmp_path):
         args = make_args(
             prompts(tmp_path, ["a", "b"]),
             srv.url,
-            "--rm-type",
-            "math",
-            "--eval-prompt-data",
-            "easy",
+            "--rm-type math --eval-prompt-data easy",
             prompts(tmp_path, ["a"], "easy.jsonl"),
             "mixed",
             prompts(tmp_path, ["a", "b"], "mixed.jsonl"),
-            "--n-samples-per-eval-prompt",
-            "3",
-            "--eval-max-response-len",
-            "10",
-            "--eval-temperature",
-            "0.3",
+            "--n-samples-per-eval-prompt 3 --eval-max-response-len 10 --eval-temperature 0.3",
         )
         out = call_rollout_fn(generate_rollout, args, 7, None, evaluation=True)
         requests = list(srv.requests)
@@ -263,11 +217,11 @@ def test_eval_per_dataset(tmp_path):
 def test_engine_errors_are_clear(tmp_path):
     data = prompts(tmp_path, ["a", "b"])
     with pytest.raises(ValueError, match="no inference engine URL"):
-        args = make_args(data, None, "--rm-type", "math")
+        args = make_args(data, None, "--rm-type math")
         generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     # A continuation that does not match what the server generated -> HTTP 400, raised with the URL.
     with FakeSGLang(lambda ids, p: FakeReply("abc")) as srv:
-        args = make_args(data, srv.url, "--rm-type", "math", "--rollout-batch-size", "1")
+        args = make_args(data, srv.url, "--rm-type math --rollout-batch-size 1")
         source = RolloutDataSourceWithBuffer(args)
         group = source.get_samples(1)[0]
         for s in group:
@@ -283,12 +237,7 @@ def test_fallback_filter_keeps_rejected_groups_instead_of_another_round(tmp_path
         args = make_args(
             prompts(tmp_path, ["a", "b", "c", "d"]),
             srv.url,
-            "--rm-type",
-            "math",
-            "--n-samples-per-prompt",
-            "2",
-            "--dynamic-sampling-filter-path",
-            "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std_with_fallback",
+            "--rm-type math --n-samples-per-prompt 2 --dynamic-sampling-filter-path slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std_with_fallback",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     assert out.metrics["rollout/sampling_rounds"] == 1 and out.metrics["rollout/dropped_groups"] == 0
@@ -309,15 +258,8 @@ def test_a_filter_that_drops_everything_is_reported(tmp_path, caplog):
         args = make_args(
             prompts(tmp_path, ["a", "b", "c"]),
             srv.url,
-            "--rm-type",
-            "math",
-            "--n-samples-per-prompt",
-            "2",
-            "--rollout-batch-size",
-            "1",
-            "--rollout-deterministic-seeds",
-            "--dynamic-sampling-filter-path",
-            "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+            "--rm-type math --n-samples-per-prompt 2 --rollout-batch-size 1",
+            "--rollout-deterministic-seeds --dynamic-sampling-filter-path slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
         )
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     assert out.metrics["rollout/dropped_groups"] == 4 and out.metrics["rollout/sampling_rounds"] == 5

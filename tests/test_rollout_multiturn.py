@@ -42,6 +42,16 @@ def test_calculator(expr, value):
     assert evaluate_expression(expr) == value
 
 
+def run_calculator(tmp_path, model, budget: int) -> Sample:
+    """One rollout of one prompt through the calculator plugin; its single sample."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 12*(3+4)?", "label": "84"}])
+    with FakeSGLang(model) as srv:
+        flags = f"--rollout-batch-size 1 --rm-type math --rollout-max-response-len {budget}"
+        args = make_args(data, srv.url, flags, "--custom-generate-function-path", PLUGIN)
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+    return out.samples[0][0]
+
+
 def test_tool_loop_masks_tool_tokens(tmp_path):
     seen_prompts = []
 
@@ -51,23 +61,8 @@ def test_tool_loop_masks_tool_tokens(tmp_path):
         assert "</calc>" in payload["sampling_params"]["stop"] and payload["sampling_params"]["no_stop_trim"] is True
         return FakeReply(TURN1 if "<result>" not in seen_prompts[-1] else TURN1 + TURN2)
 
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 12*(3+4)?", "label": "84"}])
-    with FakeSGLang(model) as srv:
-        args = make_args(
-            data,
-            srv.url,
-            "--rollout-batch-size",
-            "1",
-            "--rm-type",
-            "math",
-            "--custom-generate-function-path",
-            PLUGIN,
-            "--rollout-max-response-len",
-            "256",
-        )
-        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
-        n_requests = len(srv.requests)
-    s = out.samples[0][0]
+    s = run_calculator(tmp_path, model, budget=256)
+    n_requests = len(seen_prompts)
     tool_text = "<result>84</result>"
     tool_ids = tokenizer().encode(tool_text, add_special_tokens=False)
     assert n_requests == 2 and "<result>84</result>" in seen_prompts[1]
@@ -86,26 +81,11 @@ def test_tool_loop_masks_tool_tokens(tmp_path):
 
 
 def test_tool_loop_respects_the_token_budget(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 12*(3+4)?", "label": "84"}])
     budget = len(TURN1) + 3  # room for only part of the tool result
 
     def model(prompt_ids, payload):
         return FakeReply(TURN1 if "<result>" not in tokenizer().decode(prompt_ids) else TURN1 + TURN2)
 
-    with FakeSGLang(model) as srv:
-        args = make_args(
-            data,
-            srv.url,
-            "--rollout-batch-size",
-            "1",
-            "--rm-type",
-            "math",
-            "--custom-generate-function-path",
-            PLUGIN,
-            "--rollout-max-response-len",
-            str(budget),
-        )
-        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
-    s = out.samples[0][0]
+    s = run_calculator(tmp_path, model, budget)
     assert s.status == Sample.Status.TRUNCATED and s.response_length == budget
     assert s.loss_mask == [1] * len(TURN1) + [0] * 3 and len(s.rollout_log_probs) == budget
