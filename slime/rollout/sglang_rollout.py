@@ -3,7 +3,7 @@
 ``generate_rollout(args, rollout_id, data_source, evaluation=False)`` generates
 ``--rollout-batch-size`` groups of ``--n-samples-per-prompt`` samples through an inference
 engine at a URL (SGLang's router, or any server speaking SGLang's ``/generate``), scores
-them, and returns `RolloutFnTrainOutput` (or `RolloutFnEvalOutput` for eval).
+them, and returns `RolloutFnTrainOutput` (or `RolloutFnEvalOutput`, see `slime.rollout.eval_rollout`).
 
 How a training rollout runs (asyncio, at most ``--sglang-server-concurrency`` x engines
 requests in flight):
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
 import logging
 import threading
 import time
@@ -40,7 +39,7 @@ from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.config import RolloutConfig, engine_url
 from slime.rollout.filter_hub.base_types import call_dynamic_filter
 from slime.rollout.http_utils import HTTPRequestError, get_json, post_json, session_scope
-from slime.rollout.metrics import flatten_groups, rollout_metrics, scalar_reward
+from slime.rollout.metrics import flatten_groups, rollout_metrics
 from slime.rollout.plugin_contracts import (
     GENERATE_FLAG,
     PluginError,
@@ -55,7 +54,6 @@ from slime.utils.types import Sample
 __all__ = [
     "RolloutAborted",
     "engine_generate",
-    "eval_rollout",
     "generate",
     "generate_and_rm",
     "generate_and_rm_group",
@@ -410,73 +408,6 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
     return RolloutFnTrainOutput(samples=kept, metrics=metrics), leftover
 
 
-_EVAL_DATASETS: dict[tuple, Any] = {}
-
-
-def _eval_dataset(args, path: str):
-    from slime.rollout.prompt_dataset import PromptDataConfig, PromptDataset
-
-    cfg = PromptDataConfig.from_args(args, path=path, evaluation=True)
-    key = tuple(sorted((k, str(v)) for k, v in cfg.__dict__.items()))
-    if key not in _EVAL_DATASETS:
-        _EVAL_DATASETS[key] = PromptDataset(cfg)
-    return _EVAL_DATASETS[key]
-
-
-async def eval_rollout(args, rollout_id: int) -> RolloutFnEvalOutput:
-    """Every prompt of each ``--eval-prompt-data NAME PATH`` set, ``--n-samples-per-eval-prompt`` times."""
-    cfg = RolloutConfig.from_args(args)
-    pairs = list(getattr(args, "eval_prompt_data", None) or [])
-    if not pairs or len(pairs) % 2:
-        raise ValueError("--eval-prompt-data takes NAME PATH pairs")
-    reward_key = getattr(args, "eval_reward_key", None) or getattr(args, "reward_key", None)
-    run = _Run(
-        cfg=cfg, url=_require_url(cfg.router_url), semaphore=asyncio.Semaphore(cfg.concurrency), rollout_id=rollout_id
-    )
-    token = _RUN.set(run)
-    sampling_params = cfg.sampling_params(evaluation=True)
-    data, metrics = {}, {}
-    try:
-        async with session_scope():
-            for name, path in zip(pairs[::2], pairs[1::2]):
-                start, tokens_before = time.perf_counter(), run.generated_tokens
-                groups, index = [], 0
-                for g, prompt in enumerate(_eval_dataset(args, path).samples):
-                    group = []
-                    for _ in range(cfg.n_samples_per_eval_prompt):
-                        s = copy.deepcopy(prompt)
-                        s.group_index, s.index = g, index
-                        index += 1
-                        group.append(s)
-                    groups.append(group)
-                results = await _gather_or_cancel(
-                    generate_and_rm_group(args, g, sampling_params, evaluation=True) for g in groups
-                )
-                samples = flatten_groups(list(results))
-                elapsed = time.perf_counter() - start
-                data[name] = {
-                    "rewards": [scalar_reward(s, reward_key) for s in samples],
-                    "truncated": [s.status == Sample.Status.TRUNCATED for s in samples],
-                    "samples": samples,
-                }
-                metrics.update(rollout_metrics(samples, reward_key, f"eval/{name}"))
-                metrics[f"eval/{name}/time_s"] = elapsed
-                metrics[f"eval/{name}/gen_tokens_per_s"] = (
-                    (run.generated_tokens - tokens_before) / elapsed if elapsed > 0 else 0.0
-                )
-                logger.info(
-                    "eval %s (rollout %d): reward mean %.4f, truncated %.3f over %d samples",
-                    name,
-                    rollout_id,
-                    metrics.get(f"eval/{name}/reward_mean", float("nan")),
-                    metrics[f"eval/{name}/truncated_ratio"],
-                    len(samples),
-                )
-    finally:
-        _RUN.reset(token)
-    return RolloutFnEvalOutput(data=data, metrics=metrics)
-
-
 # One event loop thread for the process: generate_rollout is called synchronously (from the
 # RolloutManager actor, tests, scripts), possibly from a thread that already runs a loop.
 _LOOP: asyncio.AbstractEventLoop | None = None
@@ -498,6 +429,8 @@ def generate_rollout(
 ) -> RolloutFnTrainOutput | RolloutFnEvalOutput:
     """slime's rollout entry point (see the module doc)."""
     if evaluation:
+        from slime.rollout.eval_rollout import eval_rollout
+
         return run_sync(eval_rollout(args, rollout_id))
     output, leftover = run_sync(generate_rollout_async(args, rollout_id, data_source))
     if leftover:
