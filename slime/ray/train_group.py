@@ -1,9 +1,16 @@
-"""The train actor group: one Ray actor per rank, each wrapping a `MegatronActor`."""
+"""The train actor group: one Ray actor per rank, each wrapping a `MegatronActor`.
+
+Besides training, the group is the source of weight syncs: `RayTrainGroup.update_weights`
+streams the current weights, HF-named and bucketed (`megatron_utils.weight_sync`), from
+global rank 0 to every inference engine handle (``handle.update_weights.remote(bucket,
+weight_version=..., flush_cache=...)``, e.g. `slime.engines.ray_engine.CpuEngineActor`).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -37,11 +44,13 @@ class TrainRayActor:
 
         cfg = actor_config_from_args(args, total_steps)
         _, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
-        self.actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train)
+        # TODO(lead): plain cfg.algorithm once ActorConfig carries it.
+        self.actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, getattr(cfg, "algorithm", None))
         self.args = args
         state: dict = {}
         if has_checkpoint(args.load):  # resume: weights, optimizer, schedule, RNG, data position
-            state = self.actor.load(args.load)
+            # The reference weights (KL terms) come from where the run started, not from --load.
+            state = self.actor.load(args.load, ref_load=args.ref_load, hf_checkpoint=args.hf_checkpoint)
         elif args.ref_load:
             self.actor.load_dist(args.ref_load)
         else:
@@ -50,7 +59,40 @@ class TrainRayActor:
         return {"dp_rank": self.actor.info.dp_rank, "dp_size": self.actor.info.dp_size, "state": state, "attention": attention}
 
     def train(self, rollout_id: int, steps: list) -> list[dict]:
-        return [dict(self.actor.train_step(samples), rollout_id=rollout_id) for samples in steps]
+        return [dict(m, rollout_id=rollout_id) for m in self.actor.train_rollout(steps)]
+
+    def update_weights(self, engine_handles: list, weight_version: str, bucket_bytes: int) -> dict:
+        """Send the current weights to every engine, one bucket at a time (global rank 0 sends;
+        the other ranks of its TP group take part in the gathers). Each bucket is put in the
+        object store once, applied by all engines, and released before the next is gathered, so
+        about one bucket is in flight; the last one flushes the engines' prefix caches.
+
+        Returns (rank 0) ``weight_version``, ``buckets``, ``tensors``, ``bytes`` (HF tensor bytes
+        sent per engine), ``seconds``; other ranks return the same keys with zero counts.
+        """
+        from slime.backends.megatron_utils.weight_sync import hf_buckets, tensor_bytes
+
+        start = time.perf_counter()
+        buckets = tensors = nbytes = 0
+        for bucket, last in hf_buckets(self.actor, bucket_bytes):
+            buckets, tensors = buckets + 1, tensors + len(bucket)
+            nbytes += sum(tensor_bytes(t) for _, t in bucket)
+            ref = ray.put(bucket)  # one copy in the object store, read by every engine
+            del bucket
+            versions = ray.get(
+                [h.update_weights.remote(ref, weight_version=weight_version, flush_cache=last) for h in engine_handles]
+            )
+            del ref
+            bad = [v for v in versions if v != str(weight_version)]
+            if bad:
+                raise RuntimeError(f"weight sync: an engine reports version {bad[0]!r} after receiving {weight_version!r}")
+        return {
+            "weight_version": str(weight_version),
+            "buckets": buckets,
+            "tensors": tensors,
+            "bytes": nbytes,
+            "seconds": time.perf_counter() - start,
+        }
 
     def evaluate(self, samples: list) -> float:
         return self.actor.evaluate(samples)
@@ -95,6 +137,14 @@ class RayTrainGroup:
 
     def evaluate(self, data_refs: list) -> float:
         return ray.get([a.evaluate.remote(data_refs[d]) for a, d in zip(self.actors, self.dp_ranks)])[0]
+
+    def update_weights(self, engine_handles: list, weight_version: str, bucket_bytes: int | None = None) -> dict:
+        """Push the current weights to ``engine_handles`` (see `TrainRayActor.update_weights`);
+        ``bucket_bytes`` defaults to slime's 512 MiB. Returns rank 0's sync statistics."""
+        from slime.backends.megatron_utils.weight_sync import DEFAULT_BUCKET_BYTES
+
+        cap = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+        return ray.get([a.update_weights.remote(engine_handles, weight_version, cap) for a in self.actors])[0]
 
     def save(self, root: str, iteration: int, extra: dict) -> str:
         return ray.get([a.save.remote(root, iteration, extra) for a in self.actors])[0]

@@ -1,8 +1,10 @@
-"""The Megatron training actor of one rank: model, DDP, optimizer and the SFT step.
+"""The Megatron training actor of one rank: model, DDP, optimizer, the train step and a rollout.
 
 One code path for CPU (gloo, fp32) and GPU (nccl, bf16, distributed optimizer). It takes
-this rank's samples as plain dicts (``tokens``, ``loss_mask``, ``response_length``), so it
-runs the same under Ray (one actor per rank), torchrun, or a single test process.
+this rank's samples as plain dicts (``tokens``, ``loss_mask``, ``response_length``; RL adds
+``reward`` and ``rollout_log_probs``), so it runs the same under Ray (one actor per rank),
+torchrun, or a single test process. RL pieces live in their own modules: `rl_step` (the
+order of one rollout), `ref_model` (reference weights), `weight_sync` (HF buckets for engines).
 """
 
 from __future__ import annotations
@@ -98,22 +100,40 @@ class MegatronActor:
             vocab_size=model.vocab_size, vocab_start=self.info.tp_rank * padded // self.info.tp_size, algorithm=algorithm
         )
         self.step = 0
+        self.ref = None  # ReferenceWeights, set by the initial-weight loaders when a KL term needs it
 
     # ----------------------------------------------------------------- weights
     def load_hf(self, hf_dir: str) -> None:
-        """Initial weights from a HF checkpoint, converted in memory for this TP rank."""
+        """Initial weights from a HF checkpoint, converted in memory for this TP rank (and, when
+        a KL term needs one, the reference copy)."""
         from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
 
         shards = hf_to_mcore(load_hf_state_dict(hf_dir), self.model_args, self.info.tp_rank, self.info.tp_size)
         self.load_state(shards)
+        self._capture_reference(f"hf:{hf_dir}")
 
     def load_dist(self, path: str) -> str:
-        """Initial weights from a torch_dist checkpoint (any TP size it was saved at)."""
+        """Initial weights from a torch_dist checkpoint (any TP size it was saved at); also the
+        reference copy when a KL term needs one."""
         from slime.backends.megatron_utils.checkpoint import load_model_weights
 
         source = load_model_weights(self.model.module, path)
         self._refresh_main_params()
+        self._capture_reference(f"torch_dist:{source}")
         return source
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads reference log-probs (--use-kl-loss / --kl-coef with an RL loss)."""
+        cfg, args = self.loss_ctx.algorithm, self.train_args
+        rl_loss = args.loss_type == "policy_loss" or bool(args.custom_loss_function_path)
+        return cfg is not None and cfg.needs_ref_log_probs and rl_loss
+
+    def _capture_reference(self, source: str) -> None:
+        if self.needs_reference:
+            from slime.backends.megatron_utils.ref_model import ReferenceWeights
+
+            self.ref = ReferenceWeights(self.model.module, source)
 
     def _refresh_main_params(self) -> None:
         # megatron's optimizer keeps fp32 main params for bf16 models: refresh them too.
@@ -250,13 +270,31 @@ class MegatronActor:
     def save(self, root: str, iteration: int, extra: dict) -> str:
         from slime.backends.megatron_utils.checkpoint import save_training_state
 
+        if self.ref is not None:
+            extra = dict(extra, ref_source=self.ref.source)
         return save_training_state(self.model, self.optimizer, self.scheduler, root, iteration, extra)
 
-    def load(self, root: str) -> dict:
+    def load(self, root: str, ref_load: str | None = None, hf_checkpoint: str | None = None) -> dict:
+        """Resume from ``root``. The reference weights are not the resumed ones: when a KL term
+        needs them they are reloaded from where the run started (``ref_load``, a torch_dist
+        checkpoint, else the HF ``hf_checkpoint``), as the first start of the run did."""
         from slime.backends.megatron_utils.checkpoint import load_training_state
 
+        if self.needs_reference:
+            if ref_load:
+                self.load_dist(ref_load)
+            elif hf_checkpoint:
+                self.load_hf(hf_checkpoint)
+            else:
+                raise ValueError(
+                    "resuming with a KL term (--use-kl-loss / --kl-coef) needs the reference weights: "
+                    "give --ref-load or --hf-checkpoint"
+                )
         state = load_training_state(self.model, self.optimizer, self.scheduler, root)
         self.step = int(state.get("step", 0))
+        saved_ref = state.get("ref_source")
+        if self.ref is not None and saved_ref and saved_ref != self.ref.source:
+            logger.warning("resume: the reference weights now come from %s, the run started with %s", self.ref.source, saved_ref)
         return state
 
     def export_hf(self, out_dir: str, origin_hf_dir: str) -> None:
@@ -273,14 +311,29 @@ class MegatronActor:
     def gather_hf(self, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """HF-named full tensors from this TP rank's megatron-named ``shard`` (weights or grads,
         mapped alike), on global rank 0; None elsewhere. Every rank must call it."""
+        from slime.backends.megatron_utils.hf_weights import mcore_to_hf
+
+        shards = self.gather_tp(shard)
+        return None if shards is None else mcore_to_hf(shards, self.model_args)
+
+    def gather_tp(self, shard: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
+        """Every TP rank's ``shard`` (CPU tensors), in TP rank order, on global rank 0; None
+        elsewhere. A collective of this rank's TP group: all its ranks must call it."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from slime.backends.megatron_utils.hf_weights import mcore_to_hf
-
         shards = [None] * self.info.tp_size
         dist.all_gather_object(shards, shard, group=ps.get_tensor_model_parallel_group())
-        return mcore_to_hf(shards, self.model_args) if self.info.rank == 0 else None
+        return shards if self.info.rank == 0 else None
+
+    def iter_hf_buckets(self, bucket_bytes: int):
+        """The current weights as lists of (HF name, full tensor), each list at most
+        ``bucket_bytes`` bytes (one larger tensor goes alone): on global rank 0; other ranks
+        yield nothing but must iterate too (TP gathers). See `weight_sync`."""
+        from slime.backends.megatron_utils.weight_sync import hf_buckets
+
+        for bucket, _ in hf_buckets(self, bucket_bytes):
+            yield bucket
 
     @torch.no_grad()
     def evaluate(self, samples: list[dict]) -> float:
@@ -320,6 +373,24 @@ class MegatronActor:
                 for key, values in per_position.items():
                     out[key].append(values[row, cols].float().cpu())
         return out
+
+    def compute_ref_log_probs(self, samples: list[dict]) -> list[torch.Tensor]:
+        """`compute_log_probs` of the reference weights (swapped in for the forward, then back)."""
+        if self.ref is None:
+            raise ValueError(
+                "no reference weights: they are captured by load_hf / load_dist / load when the RL flags "
+                "need them (--use-kl-loss or --kl-coef)"
+            )
+        with self.ref.swapped_in(self.model.module):
+            return self.compute_log_probs(samples)["log_probs"]
+
+    def train_rollout(self, samples_per_step: list[list[dict]]) -> list[dict]:
+        """Train on this rank's share of one rollout, split into optimizer steps; per-step
+        metrics. RL losses first compute old/reference log-probs and advantages over the whole
+        rollout (see `rl_step`); SFT is one `train_step` per step. All DP ranks call it."""
+        from slime.backends.megatron_utils.rl_step import train_rollout
+
+        return train_rollout(self, samples_per_step)
 
     def compute_advantages(self, samples: list[dict]) -> dict[str, float]:
         """--advantage-estimator on this rank's samples (``reward`` set, log-probs as needed);
