@@ -105,6 +105,23 @@ def run_engine_inprocess(engine, prompts, new_tokens: int) -> tuple[float, list[
     return time.perf_counter() - t, outs
 
 
+class Table:
+    """Prints each row as soon as it is measured; ratios and output equality against the first row."""
+
+    def __init__(self, total_tokens: int, new_tokens: int):
+        self.total, self.new_tokens, self.ref = total_tokens, new_tokens, None
+
+    def add(self, name: str, seconds: float, outs: list[list[int]]) -> None:
+        assert all(len(o) == self.new_tokens for o in outs), f"{name}: wrong output lengths"
+        if self.ref is None:
+            self.ref = (name[:3], seconds, outs)
+            print(f"\n| method | wall s | generated tokens | tokens/s | vs {name[:3]} | outputs equal to {name[:3]} |")
+            print("|---|---:|---:|---:|---:|---:|")
+        ref_name, ref_time, ref_out = self.ref
+        same = sum(o == r for o, r in zip(outs, ref_out))
+        print(f"| {name} | {seconds:.2f} | {self.total} | {self.total / seconds:,.0f} | {ref_time / seconds:.2f}x | {same}/{len(outs)} |", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf-config", default=None, help="a HF config.json: random weights of that shape (default: the tiny checkpoint)")
@@ -116,6 +133,7 @@ def main() -> int:
     ap.add_argument("--max-running-requests", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-sequential", action="store_true", help="skip (a) for big models")
+    ap.add_argument("--skip-inprocess", action="store_true", help="skip (d)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -132,37 +150,31 @@ def main() -> int:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         vocab = model.config.vocab_size
         prompts = make_prompts(args.prompts, vocab, args.min_prompt_len, args.max_prompt_len, args.seed)
-        total = args.prompts * args.new_tokens
         print(
             f"model {args.hf_config or TINY} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | fp32 | "
             f"torch {torch.__version__} | {torch.get_num_threads()} threads | {args.prompts} prompts "
-            f"({args.min_prompt_len}-{args.max_prompt_len} tokens) x {args.new_tokens} new tokens, greedy"
+            f"({args.min_prompt_len}-{args.max_prompt_len} tokens) x {args.new_tokens} new tokens, greedy",
+            flush=True,
         )
         run_batched(model, prompts[:2], 2)  # warm-up
 
-        rows = []
+        table = Table(args.prompts * args.new_tokens, args.new_tokens)
         if not args.skip_sequential:
-            rows.append(("(a) transformers.generate, one prompt at a time", *run_sequential(model, prompts, args.new_tokens)))
-        rows.append(("(b) transformers.generate, batched, left padding", *run_batched(model, prompts, args.new_tokens)))
+            table.add("(a) transformers.generate, one prompt at a time", *run_sequential(model, prompts, args.new_tokens))
+        table.add("(b) transformers.generate, batched, left padding", *run_batched(model, prompts, args.new_tokens))
+        del model  # the engine loads its own copy
         url = launch_server(EngineConfig(model_path=path, max_running_requests=args.max_running_requests, max_prefill_per_step=args.max_running_requests))
         try:
             engine = get_server(url).engine
             engine.generate(input_ids=prompts[0], sampling_params={"max_new_tokens": 2})  # warm-up
             engine.flush_cache()
-            rows.append(("(c) CPU engine, all prompts concurrent over HTTP", *run_engine_http(url, prompts, args.new_tokens)))
-            engine.flush_cache()
-            rows.append(("(d) CPU engine, in-process submit (no HTTP)", *run_engine_inprocess(engine, prompts, args.new_tokens)))
+            table.add("(c) CPU engine, all prompts concurrent over HTTP", *run_engine_http(url, prompts, args.new_tokens))
+            if not args.skip_inprocess:
+                engine.flush_cache()
+                table.add("(d) CPU engine, in-process submit (no HTTP)", *run_engine_inprocess(engine, prompts, args.new_tokens))
             stats = engine.load()
         finally:
             shutdown_server(url)
-
-    ref_name, ref_time, ref_out = rows[0]
-    print(f"\n| method | wall s | generated tokens | tokens/s | vs {ref_name[:3]} | outputs equal to {ref_name[:3]} |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, seconds, outs in rows:
-        assert all(len(o) == args.new_tokens for o in outs), f"{name}: wrong output lengths"
-        same = sum(o == r for o, r in zip(outs, ref_out))
-        print(f"| {name} | {seconds:.2f} | {total} | {total / seconds:,.0f} | {ref_time / seconds:.2f}x | {same}/{len(outs)} |")
     print(f"\nengine: {stats['decode_steps']} decode steps, mean batch {stats['decode_rows'] / max(1, stats['decode_steps']):.1f} rows")
     return 0
 

@@ -171,6 +171,26 @@ def test_prefix_cache_reuses_a_repeated_prompt(engine):
     assert engine.generate(input_ids=PROMPTS[1], sampling_params=sp)["meta_info"]["cached_tokens"] == 0
 
 
+def test_truncation_rules_on_crafted_logits():
+    from slime.engines.sampling import SamplingParams, sample_next
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    probs = torch.softmax(logits[0], -1)  # [.012, .032, .086, .234, .636]
+
+    def draws(**kw):
+        params = SamplingParams(**kw)
+        return [sample_next(logits, [params], [torch.Generator().manual_seed(s)])[0] for s in range(400)]
+
+    assert set(draws(top_k=2)) == {3, 4}
+    assert set(draws(top_p=0.8)) == {3, 4}  # .636 < .8 <= .636 + .234
+    assert set(draws(top_p=0.5)) == {4}
+    assert set(draws(min_p=0.1)) == {2, 3, 4}  # >= 0.1 x .636
+    assert set(draws(temperature=0.0)) == {4}
+    free = draws()
+    assert set(free) == {0, 1, 2, 3, 4}
+    assert abs(free.count(4) / len(free) - float(probs[4])) < 0.08  # inverse-CDF follows the distribution
+
+
 # ---- stop conditions ---------------------------------------------------------------------------------
 
 
@@ -287,10 +307,13 @@ def test_update_weights_in_buckets_matches_a_fresh_model(sharp_dir, other_dir):
         with pytest.raises(ValueError, match="shape"):
             eng.update_weights([(named[0][0], torch.zeros(3))])
         assert eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"] == before["output_ids"]  # untouched
+        running = eng.submit(input_ids=PROMPTS[0], sampling_params={"max_new_tokens": 3000, "ignore_eos": True})
+        _wait_for(lambda: eng.stats["decode_steps"] > 0)
         half = len(named) // 2
-        eng.update_weights(named[:half], weight_version="step-1")
+        eng.update_weights(named[:half], weight_version="step-1", abort_all_requests=True)
         eng.update_weights(named[half:], weight_version="step-1")
         after = eng.generate(input_ids=PROMPTS[1], sampling_params=sp, return_logprob=True)
+        assert running.result(60)["meta_info"]["finish_reason"]["type"] == "abort"
     finally:
         eng.shutdown()
     fresh = AutoModelForCausalLM.from_pretrained(other_dir, dtype=torch.float32).eval()

@@ -103,7 +103,7 @@ class CpuEngine:
             raise ValueError(f"--hf-checkpoint {config.model_path!r}: cannot load a HF causal LM: {e}") from e
         _check_attention(model.config, config.model_path)
         self.model = model.to(self.device).eval()
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.context_length = config.context_length or int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
         self.weight_version = "default"

@@ -76,6 +76,8 @@ def build_app(engine, config: EngineConfig):
     """The aiohttp application serving ``engine`` (a `CpuEngine`)."""
     from aiohttp import web
 
+    from slime.engines.cpu_engine import EngineError
+
     routes = web.RouteTableDef()
 
     async def _json(request) -> dict:
@@ -93,11 +95,15 @@ def build_app(engine, config: EngineConfig):
 
     @routes.post("/generate")
     async def generate(request):
+        futures = []
         try:
             items, batched = _split_batch(await _json(request))
-            futures = [engine.submit(**item) for item in items]
-        except ValueError as e:
-            return _error(str(e))
+            for item in items:
+                futures.append(engine.submit(**item))
+        except (ValueError, EngineError) as e:
+            for f in futures:  # a bad prompt later in a batch: drop the ones already queued
+                engine.abort(rid=f.rid)
+            return _error(str(e), status=400 if isinstance(e, ValueError) else 503)
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except asyncio.CancelledError:  # the client went away: stop spending compute on it

@@ -111,10 +111,11 @@ def log_probs(logits, params_list, original: bool):
     """[B, V] float32 log-probs: ``log_softmax(logits / T)`` per row (T=1 for greedy or ``original``)."""
     import torch
 
+    logits = logits.float()
     temps = [1.0 if (original or p.greedy) else p.temperature for p in params_list]
     if any(t != 1.0 for t in temps):
         logits = logits / torch.tensor(temps, dtype=logits.dtype, device=logits.device).unsqueeze(1)
-    return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _truncate(probs, params: SamplingParams):
@@ -140,10 +141,9 @@ def sample_next(logits, params_list, generators) -> list[int]:
     """One next token per row of ``logits`` [B, V]; ``generators[i]`` (CPU) drives row i."""
     import torch
 
-    out = []
-    for row, params, gen in zip(logits, params_list, generators):
+    out = logits.argmax(dim=-1).tolist()  # greedy rows in one op; sampled rows overwrite theirs
+    for i, (row, params, gen) in enumerate(zip(logits, params_list, generators)):
         if params.greedy:
-            out.append(int(torch.argmax(row)))
             continue
         probs = _truncate(torch.softmax(row.float() / params.temperature, dim=-1), params)
         cdf = torch.cumsum(probs, 0)
@@ -155,5 +155,5 @@ def sample_next(logits, params_list, generators) -> list[int]:
         idx = min(idx, row.numel() - 1)
         while probs[idx] <= 0 and idx > 0:
             idx -= 1
-        out.append(idx)
+        out[i] = idx
     return out
