@@ -1,4 +1,4 @@
-"""SFT training, synchronously: generate rollout k, train on it, repeat.
+"""Training (SFT or RL), synchronously: generate rollout k, train on it, repeat.
 
     python train.py --hf-checkpoint ... --prompt-data ... --rollout-batch-size 64 --num-epoch 1 ...
 
@@ -12,6 +12,7 @@ def train(trainer) -> None:
     for rollout_id in trainer.progress():
         data = trainer.generate(rollout_id)
         trainer.train(rollout_id, data)
+        trainer.update_weights()  # RL: the engines get the new policy (SFT starts none)
         trainer.after_rollout(rollout_id)  # evaluate / save on their intervals
     trainer.finish()  # HF export
 

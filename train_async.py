@@ -1,4 +1,4 @@
-"""SFT training with the next rollout prepared while the current one trains.
+"""Training (SFT or RL) with the next rollout prepared while the current one trains.
 
 Same as train.py, except that rollout k+1 is generated while rollout k trains. Checkpoints
 record the data position before the prefetched rollout, so a resumed run neither skips nor
@@ -15,6 +15,7 @@ def train(trainer) -> None:
         if rollout_id + 1 < trainer.num_rollout:
             pending = trainer.generate_async(rollout_id + 1)  # overlaps with the training below
         trainer.train(rollout_id, data)
+        trainer.update_weights(after=pending)  # RL: once the prefetched rollout is generated (one step stale)
         trainer.after_rollout(rollout_id)  # evaluate / save on their intervals
     trainer.finish()  # HF export
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY, TINY_DATA
 from slime.data.config import SFTDataConfig, build_data_source
-from slime.utils.arguments import DEFAULT_ROLLOUT_FUNCTION, parse_args
+from slime.utils.arguments import SFT_ROLLOUT_FUNCTION, parse_args
 from slime.utils.plugins import PluginError, load_function
 from slime.utils.types import Sample
 
@@ -15,7 +15,10 @@ ROLLOUT_PARAMS = ("args", "rollout_id", "data_buffer")
 
 @pytest.fixture(scope="module")
 def args():
-    return parse_args(["--hf-checkpoint", str(TINY), "--prompt-data", str(TINY_DATA), "--rollout-batch-size", "8", "--rollout-shuffle"])
+    return parse_args(
+        ["--hf-checkpoint", str(TINY), "--prompt-data", str(TINY_DATA), "--rollout-batch-size", "8", "--rollout-shuffle",
+         "--rollout-function-path", SFT_ROLLOUT_FUNCTION]
+    )
 
 
 def test_generate_rollout_contract(args):
@@ -72,7 +75,7 @@ def test_bad_function_paths(path, message):
 def test_default_path_resolves():
     from slime.rollout.sft_rollout import generate_rollout
 
-    assert load_function(DEFAULT_ROLLOUT_FUNCTION, required_params=ROLLOUT_PARAMS) is generate_rollout
+    assert load_function(SFT_ROLLOUT_FUNCTION, required_params=ROLLOUT_PARAMS) is generate_rollout
 
 
 def test_parse_args_errors(capsys):

@@ -23,6 +23,7 @@ def base_cmd(save, script="train_async.py"):
         "--rollout-batch-size", "8", "--num-rollout", "4", "--actor-num-gpus-per-node", "2",
         "--use-dynamic-batch-size", "--max-tokens-per-gpu", "1024", "--calculate-per-token-loss",
         "--lr", "3e-3", "--rollout-shuffle", "--save", str(save), "--load", str(save), "--save-interval", "2",
+        "--rollout-function-path", "slime.rollout.sft_rollout.generate_rollout", "--loss-type", "sft_loss", "--debug-train-only",
     ]
 
 

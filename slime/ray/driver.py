@@ -2,8 +2,8 @@
 
 `start_trainer` parses and checks the command line (before Ray starts), starts or joins Ray
 (``RAY_ADDRESS`` / ``ray job submit`` join a cluster, a plain ``python train.py`` starts a local
-one bound to 127.0.0.1), builds the RolloutManager (data validated here) and the train
-group (weights from --load, else --ref-load, else --hf-checkpoint), and resumes the data
+one bound to 127.0.0.1), starts the inference engines of an RL run (`rollout_engines`), builds
+the RolloutManager (data validated here) and the train group (weights from --load, else --ref-load, else --hf-checkpoint), and resumes the data
 position and rollout id from --load. Everything is shut down on exit, errors included.
 """
 
@@ -31,20 +31,23 @@ class Trainer:
         from slime.ray.train_group import RayTrainGroup
         from slime.utils.metrics_logger import MetricsLogger
 
-        self.args = args
+        from slime.ray.rollout_engines import RolloutEngines, start_rollout_engines
+        from slime.utils.arguments import global_batch_size, is_sft, starts_engines
+
+        self.args, self.sft = args, is_sft(args)
         world = args.actor_num_nodes * args.actor_num_gpus_per_node
         dp = world // args.tensor_model_parallel_size
         self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
-        self.manager = RolloutManager.remote(args, dp)
+        self.engines = start_rollout_engines(args) if starts_engines(args) else RolloutEngines()
+        self.manager = RolloutManager.remote(args, dp, self.engines.url)
         for line in ray.get(self.manager.report.remote()):
             logger.info(line)
         n = ray.get(self.manager.num_samples.remote())
         self.num_rollout = args.num_rollout or args.num_epoch * n // args.rollout_batch_size
         if self.num_rollout < 1:
             raise ValueError(f"{n} samples make no rollout of --rollout-batch-size {args.rollout_batch_size}")
-        from slime.utils.arguments import global_batch_size
-
-        total_steps = self.num_rollout * (args.rollout_batch_size // global_batch_size(args))
+        per_rollout = args.rollout_batch_size * args.n_samples_per_prompt
+        total_steps = self.num_rollout * (per_rollout // global_batch_size(args))
         self.group = RayTrainGroup(args, self.pg, use_gpu, world)
         first = self.group.init(args, total_steps)[0]
         logger.info(first["attention"])
@@ -56,6 +59,7 @@ class Trainer:
             logger.info("resumed from %s at rollout %d", args.load, self.start_rollout)
         self.eval_names = ray.get(self.manager.eval_names.remote())
         self.metrics = MetricsLogger(args, args.save)
+        self.step = 0  # optimizer steps taken (updated from the train metrics)
         self.last_saved = None
         self._bar = None
 
@@ -77,18 +81,36 @@ class Trainer:
     def generate(self, rollout_id: int):
         return self.wait(self.generate_async(rollout_id))
 
-    def train(self, rollout_id: int, data) -> None:
-        for m in self.group.train(rollout_id, data):
+    def train(self, rollout_id: int, data: dict) -> None:
+        """Train on one rollout (``data`` from `generate`); logs its rollout metrics and each step's."""
+        if data["metrics"]:
+            self.metrics.log(dict(data["metrics"], rollout_id=rollout_id), step=self.step)
+        for m in self.group.train(rollout_id, data["refs"]):
             self.metrics.log(m, step=m["step"])
             if self._bar is not None:
                 self._bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
         self.step = m["step"]
 
+    def update_weights(self, after=None) -> None:
+        """RL: push the trained weights to the engines (nothing to do without engines).
+
+        ``after``: a rollout still being generated (train_async.py's prefetch); the engines
+        finish it with the old weights first, so it is one step stale, as in slime.
+        """
+        if not self.engines.handles:
+            return
+        import ray
+
+        if after is not None:
+            ray.wait([after], num_returns=1)
+        self.group.update_weights(self.engines.handles, weight_version=str(self.step))
+
     def after_rollout(self, rollout_id: int) -> None:
         import ray
 
         args, last = self.args, rollout_id == self.num_rollout - 1
-        if self.eval_names and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
+        evals = self.eval_names if self.sft else (args.eval_prompt_data or [])
+        if evals and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
             self.evaluate(rollout_id)
         if args.save and ((args.save_interval and (rollout_id + 1) % args.save_interval == 0) or last):
             data_state = ray.get(self.manager.state_before.remote(rollout_id + 1))
@@ -101,10 +123,13 @@ class Trainer:
     def evaluate(self, rollout_id: int) -> None:
         import ray
 
-        results = {}
-        for name in self.eval_names:
-            refs = ray.get(self.manager.eval_data.remote(name))
-            results[f"eval/{name}/loss"] = self.group.evaluate(refs)
+        if self.sft:
+            results = {}
+            for name in self.eval_names:
+                refs = ray.get(self.manager.eval_data.remote(name))
+                results[f"eval/{name}/loss"] = self.group.evaluate(refs)
+        else:  # RL: generate on the eval prompts and score them (reward mean, truncation, ...)
+            results = ray.get(self.manager.eval_rollout.remote(rollout_id))
         self.metrics.log(dict(results, rollout_id=rollout_id), step=self.step)
         logger.info("rollout %d: %s", rollout_id, results)
 
@@ -119,6 +144,7 @@ class Trainer:
         self.metrics.close()
         with contextlib.suppress(Exception):
             self.group.shutdown()
+        self.engines.shutdown()
 
 
 def _ray_init(args) -> None:

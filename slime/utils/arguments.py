@@ -11,9 +11,20 @@ import json
 import logging
 from typing import Callable
 
-__all__ = ["add_data_arguments", "add_rollout_arguments", "get_parser", "parse_args"]
+from slime.rollout import DEFAULT_ROLLOUT_FUNCTION, SFT_ROLLOUT_FUNCTION
 
-DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sft_rollout.generate_rollout"
+__all__ = [
+    "DEFAULT_ROLLOUT_FUNCTION",
+    "SFT_ROLLOUT_FUNCTION",
+    "add_data_arguments",
+    "add_rollout_arguments",
+    "get_parser",
+    "global_batch_size",
+    "is_sft",
+    "parse_args",
+    "starts_engines",
+    "validate_trainer_args",
+]
 
 
 def _json_object(text: str) -> dict:
@@ -97,18 +108,33 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--rollout-function-path",
         type=str,
         default=DEFAULT_ROLLOUT_FUNCTION,
-        help="generate_rollout(args, rollout_id, data_buffer, evaluation=False) -> list[Sample]",
+        help=f"generate_rollout(args, rollout_id, data_source, evaluation=False); SFT: {SFT_ROLLOUT_FUNCTION}",
     )
     # Sampling flags of the RL path. SFT generates nothing: they never touch the SFT loss.
-    g.add_argument("--rollout-temperature", type=float, default=1.0, help="RL sampling only; ignored by SFT")
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="RL sampling temperature; ignored by SFT")
     g.add_argument("--rollout-top-p", type=float, default=1.0, help="RL sampling only; ignored by SFT")
     g.add_argument("--rollout-top-k", type=int, default=-1, help="RL sampling only; ignored by SFT")
     return parser
 
 
+def is_sft(args: argparse.Namespace) -> bool:
+    """SFT run: the rollout is sft_rollout (prepared chat samples, no inference engine)."""
+    return args.rollout_function_path == SFT_ROLLOUT_FUNCTION
+
+
+def starts_engines(args: argparse.Namespace) -> bool:
+    """Inference engines start for RL rollouts, never with --debug-train-only (slime's meaning)."""
+    return not is_sft(args) and not args.debug_train_only
+
+
 def global_batch_size(args: argparse.Namespace) -> int:
-    """Samples per optimizer step: --global-batch-size, by default the whole rollout."""
-    return args.global_batch_size or args.rollout_batch_size
+    """Samples per optimizer step (slime's rule: rollout_batch_size x n_samples_per_prompt =
+    global_batch_size x num_steps_per_rollout; by default the whole rollout is one step)."""
+    from slime.algorithms.config import derive_global_batch_size
+
+    return derive_global_batch_size(
+        args.rollout_batch_size, args.n_samples_per_prompt, args.global_batch_size, args.num_steps_per_rollout
+    )
 
 
 def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -128,11 +154,11 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--wandb-key", default=None, help="API key (prefer the WANDB_API_KEY environment variable); never logged")
     g.add_argument("--use-tensorboard", action="store_true")
     g.add_argument("--tensorboard-dir", default=None, help="default: SAVE/tensorboard")
-    g.add_argument("--debug-train-only", action="store_true", help="start no inference engine (always true for SFT)")
+    g.add_argument("--debug-train-only", action="store_true", help="start no inference engine (SFT never starts one)")
     g.add_argument("--disable-compute-advantages-and-returns", action="store_true", help="skip RL pre-computation (SFT never runs it)")
-    g.add_argument("--n-samples-per-prompt", type=_positive_int, default=1, help="RL only; must be 1 for SFT")
-    g.add_argument("--colocate", action="store_true", help="RL only; rejected for SFT")
-    g.add_argument("--rollout-num-gpus", type=int, default=None, help="RL only; rejected for SFT")
+    g.add_argument("--n-samples-per-prompt", type=_positive_int, default=1, help="RL: samples per prompt (a group); 1 for SFT")
+    g.add_argument("--colocate", action="store_true", help="RL: engines share the trainer's GPUs; rejected for SFT")
+    g.add_argument("--rollout-num-gpus", type=int, default=None, help="RL: GPUs of the inference engines; rejected for SFT")
     return parser
 
 
@@ -142,10 +168,8 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
 
     if not args.rollout_batch_size:
         raise ValueError("--rollout-batch-size is required")
-    gbs = global_batch_size(args)
-    if args.rollout_batch_size % gbs:
-        raise ValueError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --global-batch-size {gbs}")
-    from slime.backends.megatron_utils.arguments import check_parallel_sizes
+    gbs = global_batch_size(args)  # raises naming the flags when they disagree
+    from slime.backends.megatron_utils.arguments import check_parallel_sizes, resolve_loss_type
 
     check_parallel_sizes(args)
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
@@ -154,10 +178,6 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     dp = world // args.tensor_model_parallel_size
     if gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
-    if args.n_samples_per_prompt != 1:
-        raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
-    if args.colocate or args.rollout_num_gpus:
-        raise ValueError("--colocate/--rollout-num-gpus configure inference engines, which SFT does not start")
     if args.eval_prompt_data and len(args.eval_prompt_data) % 2:
         raise ValueError("--eval-prompt-data takes NAME PATH pairs")
     if args.eval_interval and not args.eval_prompt_data:
@@ -167,11 +187,30 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     if not args.num_rollout and not args.num_epoch:
         raise ValueError("give --num-epoch or --num-rollout")
     log = logging.getLogger(__name__)
-    ignored = [(f, v) for f, v, d in (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1)) if v != d]
-    for flag, value in ignored:
-        log.warning("%s %s is an RL sampling flag: SFT generates nothing, so it has no effect", flag, value)
-    if not args.debug_train_only:
-        log.info("SFT starts no inference engine (as with --debug-train-only)")
+    loss_type = resolve_loss_type(args)
+    if is_sft(args):
+        if args.n_samples_per_prompt != 1:
+            raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
+        if args.colocate or args.rollout_num_gpus:
+            raise ValueError("--colocate/--rollout-num-gpus configure inference engines, which SFT does not start")
+        defaults = (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1))
+        for flag, value, _ in [d for d in defaults if d[1] != d[2]]:
+            log.warning("%s %s is an RL sampling flag: SFT generates nothing, so it has no effect", flag, value)
+        if not args.debug_train_only:
+            log.info("SFT starts no inference engine (as with --debug-train-only)")
+    else:
+        # The RL groups check themselves (typed configs); building them here fails before Ray starts.
+        from slime.algorithms.config import AlgorithmConfig
+        from slime.rollout.config import RolloutConfig
+
+        AlgorithmConfig.from_args(args)
+        RolloutConfig.from_args(args)
+        if loss_type == "sft_loss":
+            log.warning("--loss-type sft_loss on RL rollouts: every generated token is supervised, rewards are unused")
+        if starts_engines(args):
+            from slime.engines.config import EngineConfig
+
+            EngineConfig.from_args(args)
     for flag, path in [("--prompt-data", args.prompt_data), *[("--eval-prompt-data", p) for p in (args.eval_prompt_data or [])[1::2]]]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag}: data file not found: {path}")
@@ -190,6 +229,16 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
 
     add_megatron_arguments(parser)
     add_trainer_arguments(parser)
+    # RL groups, each owned by the module that uses it (argparse-only imports).
+    from slime.algorithms.config import add_algorithm_arguments
+    from slime.engines.config import add_cpu_engine_arguments
+    from slime.ray.rollout_engines import add_engine_placement_arguments
+    from slime.rollout.config import add_rollout_rl_arguments
+
+    add_algorithm_arguments(parser)
+    add_rollout_rl_arguments(parser)
+    add_cpu_engine_arguments(parser)
+    add_engine_placement_arguments(parser)
     if add_custom_arguments is not None:
         add_custom_arguments(parser)
     return parser

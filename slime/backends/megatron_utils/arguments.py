@@ -14,6 +14,7 @@ __all__ = [
     "add_megatron_arguments",
     "check_parallel_sizes",
     "resolve_attention_backend",
+    "resolve_loss_type",
 ]
 
 # Ours (sdpa, flex, varlen) plus Megatron-LM's names, so slime's scripts run unchanged.
@@ -73,7 +74,13 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         action="store_true",
         help="average over every supervised token of the global batch (default: mean of per-sample means)",
     )
-    g.add_argument("--loss-type", default="sft_loss", help="sft_loss (policy_loss is reserved for RL)")
+    g.add_argument(
+        "--loss-type",
+        choices=("sft_loss", "policy_loss", "custom_loss"),
+        default=None,
+        help="default: sft_loss for the SFT rollout, policy_loss (slime's default) for RL rollouts; custom_loss needs "
+        "--custom-loss-function-path",
+    )
     g.add_argument("--custom-loss-function-path", default=None, help="loss_fn(logits, batch, ctx) -> (loss, metrics)")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--lr", type=float, default=1e-6)
@@ -103,6 +110,15 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
+
+
+def resolve_loss_type(args: argparse.Namespace) -> str:
+    """``--loss-type``, or its default for the rollout: sft_loss for SFT, policy_loss for RL."""
+    if args.loss_type:
+        return args.loss_type
+    from slime.rollout import SFT_ROLLOUT_FUNCTION
+
+    return "sft_loss" if args.rollout_function_path == SFT_ROLLOUT_FUNCTION else "policy_loss"
 
 
 def _varlen_available() -> bool:
@@ -142,16 +158,17 @@ class ActorConfig:
     batching: object
     optim: object
     train: object
+    algorithm: object = None  # slime.algorithms.config.AlgorithmConfig
 
 
 def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorConfig:
     import torch
 
+    from slime.algorithms.config import AlgorithmConfig, derive_global_batch_size
     from slime.backends.megatron_utils.actor import TrainArgs
     from slime.backends.megatron_utils.batching import BatchingArgs
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
-    from slime.utils.arguments import global_batch_size
 
     check_parallel_sizes(args)
     backend, _ = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
@@ -192,10 +209,13 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
             clip_grad=args.clip_grad,
         ),
         train=TrainArgs(
-            global_batch_size=global_batch_size(args),
+            global_batch_size=derive_global_batch_size(
+                args.rollout_batch_size, args.n_samples_per_prompt, args.global_batch_size, args.num_steps_per_rollout
+            ),
             total_steps=total_steps,
             seed=args.seed,
-            loss_type=args.loss_type,
+            loss_type=resolve_loss_type(args),
             custom_loss_function_path=args.custom_loss_function_path,
         ),
+        algorithm=AlgorithmConfig.from_args(args),
     )

@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.actor import MegatronActor
     from slime.backends.megatron_utils.arguments import actor_config_from_args
     from slime.data.config import SFTDataConfig, build_data_source
+    from slime.rollout import SFT_ROLLOUT_FUNCTION
     from slime.utils.arguments import get_parser
     from slime.utils.data_split import split_balanced
 
     parser = _add_run_arguments(get_parser(description=__doc__))
+    parser.set_defaults(rollout_function_path=SFT_ROLLOUT_FUNCTION)  # SFT steps on prepared samples
     args = parser.parse_args(argv)
     if not args.rollout_batch_size:
         parser.error("--rollout-batch-size is required")
