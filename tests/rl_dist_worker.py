@@ -5,8 +5,10 @@
 IN.pt (``torch.save``; read with weights_only=True): {"samples" (with ``reward``), "algorithm"
 and "advantage_algorithm" (AlgorithmConfig fields), "per_token"}. Rank 0 writes OUT.pt: for
 "tp2" and "dp2", the global loss, HF-named gradients (float64), the first train step's
-metrics; (tp2) the per-sample log-probs and entropies of `compute_log_probs`; (dp2) rank 0's
-advantages from `compute_advantages` under "advantage_algorithm" and their statistics.
+metrics; (tp2) the per-sample log-probs and entropies of `compute_log_probs`, and after the
+step the weight-sync buckets of `iter_hf_buckets` ("bucket_bytes") with the log-probs of
+sample 0 (``probe_log_probs``); (dp2) rank 0's advantages from `compute_advantages` under
+"advantage_algorithm" and their statistics.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def run(hf_dir: str, inp: str, out: str) -> None:
         full = actor.gather_hf(grads)
         entry.update(loss=loss, grads=None if full is None else {k: v.double() for k, v in full.items()})
         entry["metrics"] = actor.train_step(mine)
+        if tp == 2:  # both ranks iterate (TP gathers); rank 0 gets the tensors
+            entry["buckets"] = list(actor.iter_hf_buckets(spec["bucket_bytes"]))
+            entry["probe_log_probs"] = actor.compute_log_probs(mine[:1])["log_probs"][0]
         if tp == 1:  # advantages whitened over both DP ranks' samples
             actor.loss_ctx = dataclasses.replace(actor.loss_ctx, algorithm=AlgorithmConfig(**spec["advantage_algorithm"]))
             entry["advantage_stats"] = actor.compute_advantages(mine)

@@ -18,6 +18,7 @@ from megatron_helpers import attach_rl_fields, build_actor, hf_policy_reference,
 N_SAMPLES = 8
 VOCAB = 849  # tiny-qwen3's tokenizer; its padded vocabulary (896) exercises the padding mask
 DIST_TIMEOUT_S = 240
+BUCKET_BYTES = 100_000  # TP=2 weight sync: several buckets, some single tensors above the cap
 
 # Every feature at once, so each one's contribution is part of what must match.
 FULL = dict(
@@ -158,21 +159,22 @@ def test_policy_loss_needs_its_fields(actor, samples):
         actor.gradients(short)
 
 
-@pytest.mark.parametrize("algo,per_token", [(FULL, True)], ids=["full_per_token"])
-def test_tp2_and_dp2_match_the_formula(tmp_path, samples, algo, per_token):
-    """Vocab-parallel log-probs and entropy (TP=2); DP-summed gradients, metrics and advantage
-    whitening (DP=2)."""
-    from slime.algorithms.advantages import compute_advantages
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory, samples):
+    """One two-process run (tests/rl_dist_worker.py) for the TP=2 / DP=2 checks and the TP=2
+    weight-sync buckets: (result, samples with rewards, config, advantage config)."""
     from slime.algorithms.config import AlgorithmConfig
 
-    cfg = AlgorithmConfig(**algo)
+    tmp_path = tmp_path_factory.mktemp("dist")
+    cfg = AlgorithmConfig(**FULL)
     adv_cfg = AlgorithmConfig(advantage_estimator="reinforce_plus_plus_baseline", kl_coef=0.05, normalize_advantages=True)
     with_rewards = [{**s, "reward": float(i % 3) - 1.0} for i, s in enumerate(samples)]
     spec = {
         "samples": with_rewards,
         "algorithm": dataclasses.asdict(cfg),
         "advantage_algorithm": dataclasses.asdict(adv_cfg),
-        "per_token": per_token,
+        "per_token": True,
+        "bucket_bytes": BUCKET_BYTES,
     }
     torch.save(spec, tmp_path / "in.pt")
     cmd = [
@@ -182,7 +184,16 @@ def test_tp2_and_dp2_match_the_formula(tmp_path, samples, algo, per_token):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DIST_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    return torch.load(tmp_path / "out.pt", weights_only=True), with_rewards, cfg, adv_cfg
+
+
+def test_tp2_and_dp2_match_the_formula(dist_run, samples):
+    """Vocab-parallel log-probs and entropy (TP=2); DP-summed gradients, metrics and advantage
+    whitening (DP=2)."""
+    from slime.algorithms.advantages import compute_advantages
+
+    result, with_rewards, cfg, adv_cfg = dist_run
+    per_token = True
     ref_loss, ref_metrics, ref_grads = hf_policy_reference(TINY, samples, cfg, per_token)
     _, ref_lp, ref_ent = hf_response_log_probs(TINY, samples)
     for lp, ent, r_lp, r_ent in zip(result["tp2"]["log_probs"], result["tp2"]["entropy"], ref_lp, ref_ent):
@@ -209,3 +220,28 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_tp2_weight_sync_buckets_give_the_actors_log_probs(dist_run):
+    """DESIGN invariant 8 at TP=2: the buckets rank 0 streams after a step (TP shards gathered,
+    HF names, under the cap unless one tensor is larger) loaded into transformers by the
+    engine's own weight loader give the actor's log-probs of a fixed sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from slime.engines.weights import apply_named_tensors
+
+    result, with_rewards, _, _ = dist_run
+    buckets, probe = result["tp2"]["buckets"], with_rewards[0]
+    assert len(buckets) > 3
+    assert all(sum(t.numel() * t.element_size() for _, t in b) <= BUCKET_BYTES or len(b) == 1 for b in buckets)
+    model = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for b in buckets for n, _ in b]
+    assert len(names) == len(set(names)) and set(names) | {"lm_head.weight"} == set(before)
+    for b in buckets:
+        apply_named_tensors(model, b)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the step changed weights
+    ids = torch.tensor(probe["tokens"])[None]
+    with torch.no_grad():
+        logp = model(ids).logits[0, :-1].double().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(logp[-probe["response_length"] :], result["tp2"]["probe_log_probs"].double(), rtol=0, atol=2e-5)
