@@ -257,6 +257,26 @@ def test_bad_requests_name_the_field(engine):
     assert r["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
 
 
+def test_a_failing_model_fails_callers_loudly():
+    from slime.engines.cpu_engine import CpuEngine, EngineError
+
+    eng = CpuEngine(EngineConfig(model_path=str(TINY)))
+    try:
+        assert eng.healthy
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        eng.model.forward = broken
+        with pytest.raises(EngineError, match="boom"):
+            eng.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 2}, timeout=60)
+        _wait_for(lambda: not eng.healthy)
+        with pytest.raises(EngineError, match="not running"):
+            eng.submit(input_ids=[5, 6])
+    finally:
+        eng.shutdown()
+
+
 # ---- abort ---------------------------------------------------------------------------------------------
 
 

@@ -298,7 +298,11 @@ class CpuEngine:
                     break
                 req = self._waiting.popleft()
             admitted += 1
-            self._prefill(req)
+            try:
+                self._prefill(req)
+            except BaseException as e:  # neither queued nor running any more: fail it here
+                req.future.set_exception(EngineError(f"prefill failed: {e!r}"))
+                raise
         if self._running:
             self._decode()
 
@@ -313,9 +317,7 @@ class CpuEngine:
             self._resolve(req, self._abort_reason("aborted while waiting"))
         keep = [i for i, r in enumerate(self._running) if not hit(r)]
         if len(keep) < len(self._running):
-            for i, req in enumerate(self._running):
-                if not hit(req):
-                    continue
+            for req in filter(hit, self._running):
                 self._resolve(req, self._abort_reason("aborted while running"))
             self._keep_rows(keep)
 

@@ -84,8 +84,10 @@ def create_cpu_engine(config: EngineConfig, placement_group=None, bundle_index: 
                 placement_group=placement_group, placement_group_bundle_index=bundle_index
             ),
         }
-    if not options["num_gpus"] and config.num_threads:
-        # A CPU engine should use the cores it was given, not every core of the node.
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(config.num_threads)}}
+    if not options["num_gpus"]:
+        # A CPU engine uses the cores it was given, not every core of the node (oversubscribed
+        # OpenMP threads slow every process on it several-fold).
+        threads = config.num_threads or max(1, int(options["num_cpus"]))
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     logger.info("CPU engine actor: %s", {k: v for k, v in options.items() if k != "scheduling_strategy"})
     return ray.remote(CpuEngineActor).options(**options).remote(config)
