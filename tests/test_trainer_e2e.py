@@ -111,7 +111,7 @@ def test_resume_matches_uninterrupted(uninterrupted, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--global-batch-size", "3"], "--rollout-batch-size 8 must be a multiple of --global-batch-size 3"),
+        (["--global-batch-size", "3"], "--global-batch-size 3 must divide --rollout-batch-size 8"),
         (["--prompt-data", "/nonexistent/data.jsonl"], "--prompt-data: data file not found: /nonexistent/data.jsonl"),
         (["--n-samples-per-prompt", "4"], "--n-samples-per-prompt must be 1"),
     ],

@@ -103,7 +103,11 @@ class Trainer:
 
         if after is not None:
             ray.wait([after], num_returns=1)
-        self.group.update_weights(self.engines.handles, weight_version=str(self.step))
+        sync = self.group.update_weights(self.engines.handles, str(self.step), self.args.update_weight_buffer_size)
+        self.metrics.log(
+            {"weight_sync/seconds": sync["seconds"], "weight_sync/bytes": sync["bytes"], "weight_sync/buckets": sync["buckets"]},
+            step=self.step,
+        )
 
     def after_rollout(self, rollout_id: int) -> None:
         import ray

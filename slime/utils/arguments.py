@@ -232,6 +232,7 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
     # RL groups, each owned by the module that uses it (argparse-only imports).
     from slime.algorithms.config import add_algorithm_arguments
     from slime.engines.config import add_cpu_engine_arguments
+    from slime.backends.megatron_utils.weight_sync import add_weight_sync_arguments
     from slime.ray.rollout_engines import add_engine_placement_arguments
     from slime.rollout.config import add_rollout_rl_arguments
 
@@ -239,6 +240,7 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
     add_rollout_rl_arguments(parser)
     add_cpu_engine_arguments(parser)
     add_engine_placement_arguments(parser)
+    add_weight_sync_arguments(parser)
     if add_custom_arguments is not None:
         add_custom_arguments(parser)
     return parser
