@@ -98,7 +98,8 @@ def test_engine_after_sync_gives_the_actors_log_probs(trained):
     torch.testing.assert_close(after, ours, rtol=0, atol=2e-5)
 
 
-def test_ray_update_weights_reaches_every_engine(trained, tmp_path):
+@pytest.mark.timeout(240)
+def test_ray_update_weights_reaches_every_engine(trained):
     """TrainRayActor.update_weights (called in process on the rank-0 actor) streams the buckets
     to two CpuEngineActor handles; both then serve the actor's log-probs over HTTP."""
     import json
