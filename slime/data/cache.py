@@ -44,6 +44,7 @@ _ENCODING_MODULES = ("chat_template.py", "schema.py", "dataset.py", "prepare.py"
 #: Files of a model directory that never affect the tokenizer (hashing weights would take minutes).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".distcp")
 _MAX_TOKENIZER_FILE = 256 << 20
+_EXTRA_TEMPLATES = "additional_chat_templates"
 
 
 def default_cache_dir() -> str:
@@ -101,19 +102,22 @@ def data_hash(path: str, cache_root: str | None = None) -> str:
 def tokenizer_hash(hf_checkpoint: str, cache_root: str | None = None) -> str:
     """Hash of what `AutoTokenizer.from_pretrained(hf_checkpoint)` reads.
 
-    A local directory: every file except weights (tokenizer files, chat templates and
-    config.json, which can pick the tokenizer class). Anything else (a hub id): the loaded
+    A local directory: every top-level file except weights (tokenizer files, chat
+    templates, config.json, which can pick the tokenizer class) and the extra chat templates. Anything else (a hub id): the loaded
     tokenizer's own serialization and chat template.
     """
     if os.path.isdir(hf_checkpoint):
         files = []
-        for d, subdirs, names in os.walk(hf_checkpoint):
-            subdirs[:] = [s for s in subdirs if not s.startswith(".")]
-            for n in names:
-                full = os.path.join(d, n)
-                if n.startswith(".") or n.endswith(_WEIGHT_SUFFIXES) or os.path.getsize(full) > _MAX_TOKENIZER_FILE:
+        for sub in ("", _EXTRA_TEMPLATES):  # where from_pretrained looks; other folders are not read
+            folder = os.path.join(hf_checkpoint, sub)
+            if not os.path.isdir(folder):
+                continue
+            for n in os.listdir(folder):
+                full = os.path.join(folder, n)
+                if (n.startswith(".") or n.endswith(_WEIGHT_SUFFIXES) or not os.path.isfile(full)
+                        or os.path.getsize(full) > _MAX_TOKENIZER_FILE):
                     continue
-                files.append(os.path.relpath(full, hf_checkpoint))
+                files.append(os.path.join(sub, n))
         return _tree_hash(hf_checkpoint, files, cache_root)
     from slime.data.config import load_tokenizer
 

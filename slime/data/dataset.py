@@ -56,7 +56,7 @@ def make_sample(conv: Conversation, enc: Encoded, index: int, row_index: int) ->
 
 @dataclass
 class SFTEncoder:
-    """Row -> training samples. The one code path for validation and for rollouts."""
+    """Row -> training samples: the one code path that validates rows and makes their tokens and masks."""
 
     template: ChatTemplate
     keys: DataKeys
@@ -71,15 +71,6 @@ class SFTEncoder:
         conv = parse_row(row, self.keys)
         encs = self.template.encode(conv.messages, conv.train, conv.tools, self.policy, self.max_length)
         return conv, encs
-
-    def encode_turn(self, conv: Conversation, turn: int) -> Encoded:
-        if turn < 0:
-            (enc,) = self.template.encode(conv.messages, conv.train, conv.tools, self.policy, self.max_length)
-            return enc
-        return self.template.encode_turn(conv.messages, turn, conv.tools, self.max_length)
-
-    def to_sample(self, conv: Conversation, enc: Encoded, index: int, row_index: int) -> Sample:
-        return make_sample(conv, enc, index, row_index)
 
 
 @dataclass(frozen=True)
