@@ -11,6 +11,9 @@ megatron-core assumes CUDA in a few spots that do no CUDA work of their own: it 
   recomputation, works unchanged);
 * a ``TorchFunctionMode`` that rewrites ``device="cuda"`` in tensor factories and makes
   ``Tensor.cuda()`` a no-op;
+* ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` / ``Event`` -> `_CpuStream` no-ops: the
+  MoE all-to-all token dispatcher copies token counts to the host on a side stream and waits
+  on an event; CPU work is synchronous, so there is nothing to order;
 * megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; the
   optimizer gets the same scaling (grads * max_norm / (norm + 1e-6) when that is < 1) without
   the assert. The norm itself is megatron's (its no-apex fallback, placed on CPU by the mode).
@@ -58,6 +61,38 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuEvent:
+    """A CUDA event stand-in: CPU ops have completed when they return."""
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _CpuStream(_CpuEvent):
+    """A CUDA stream stand-in for code that only orders work between streams."""
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuEvent()
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def cpu_mode_enabled() -> bool:
     return bool(_STATE)
 
@@ -72,8 +107,15 @@ def enable_cpu_mode() -> None:
 
     _STATE["cuda"] = {
         name: getattr(torch.cuda, name)
-        for name in ("current_device", "manual_seed", "manual_seed_all", "get_rng_state", "synchronize", "empty_cache")
+        for name in (
+            "current_device", "manual_seed", "manual_seed_all", "get_rng_state", "synchronize", "empty_cache",
+            "Stream", "current_stream", "stream", "Event",
+        )
     }
+    torch.cuda.Stream = lambda *a, **k: _CpuStream()
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.Event = lambda *a, **k: _CpuEvent()
     torch.cuda.synchronize = lambda device=None: None  # CPU ops are synchronous (dist checkpoint save calls it)
     torch.cuda.empty_cache = lambda: None
     torch.cuda.current_device = lambda: torch.device("cpu")

@@ -1,4 +1,4 @@
-"""HF <-> megatron-core weights for Qwen3, Qwen2/2.5 and Llama-3 dense models, any TP size.
+"""HF <-> megatron-core weights for Qwen3, Qwen2/2.5, Llama-3 and Qwen3-/Qwen2-MoE, any TP size.
 
 Megatron's names are those of `model_provider.build_gpt_model` (local layer spec). Layouts:
 
@@ -7,7 +7,13 @@ Megatron's names are those of `model_provider.build_gpt_model` (local layer spec
 * ``linear_fc1`` is ``[gate; up]`` *per rank*: rank r holds ``[gate_r; up_r]``;
 * row-parallel ``linear_proj`` / ``linear_fc2`` split the input dimension;
 * embedding and output layer are split by vocabulary, padded to ``padded_vocab_size(tp)``
-  with zero rows that are dropped again on export.
+  with zero rows that are dropped again on export;
+* MoE layers: ``mlp.router.weight`` is HF's ``mlp.gate.weight`` (replicated); expert j is
+  ``mlp.experts.local_experts.{j}`` (megatron's SequentialMLP), each split like a dense MLP
+  (megatron's expert-tensor-parallel size defaults to TP); Qwen2-MoE's ``shared_expert`` is
+  ``mlp.shared_experts`` (split like a dense MLP) and its ``shared_expert_gate`` is
+  ``mlp.shared_experts.gate_weight`` (replicated). With expert parallelism (later) rank e of
+  E would hold experts ``e * n/E ...`` as local 0..n/E-1: `_expert_ids` is that one place.
 
 `hf_to_mcore` gives one rank's shards; `mcore_to_hf` takes every rank's and gives HF tensors
 back bit-exactly (only reshapes, splits and concatenations: no arithmetic).
@@ -63,11 +69,54 @@ def _qkv_to_hf(qkv, m: ModelArgs):
     return (x.reshape(-1, *rest).contiguous() for x in (q, k, v))
 
 
+def _mlp_to_mcore(hf, hf_prefix: str, out: dict, mc_prefix: str, tp_rank: int, tp_size: int) -> None:
+    """A SwiGLU MLP (``gate_proj``/``up_proj``/``down_proj``) as megatron's fc1 ``[gate_r; up_r]`` / fc2."""
+    gate = _chunk(hf[hf_prefix + "gate_proj.weight"], tp_rank, tp_size)
+    up = _chunk(hf[hf_prefix + "up_proj.weight"], tp_rank, tp_size)
+    out[mc_prefix + "linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+    out[mc_prefix + "linear_fc2.weight"] = _chunk(hf[hf_prefix + "down_proj.weight"], tp_rank, tp_size, dim=1)
+
+
+def _mlp_to_hf(shards, mc_prefix: str, hf: dict, hf_prefix: str) -> None:
+    gates, ups = zip(*(s[mc_prefix + "linear_fc1.weight"].chunk(2, dim=0) for s in shards))
+    hf[hf_prefix + "gate_proj.weight"] = torch.cat(gates, dim=0)
+    hf[hf_prefix + "up_proj.weight"] = torch.cat(ups, dim=0)
+    hf[hf_prefix + "down_proj.weight"] = torch.cat([s[mc_prefix + "linear_fc2.weight"] for s in shards], dim=1)
+
+
+def _expert_ids(m: ModelArgs) -> list[tuple[int, int]]:
+    """(megatron local index, HF expert index) of this rank's experts (all of them: no EP yet)."""
+    return [(j, j) for j in range(m.num_experts)]
+
+
+def _moe_to_mcore(hf, h: str, out: dict, g: str, m: ModelArgs, tp_rank: int, tp_size: int) -> None:
+    out[g + "mlp.router.weight"] = hf[h + "mlp.gate.weight"]
+    if m.moe_router_enable_expert_bias:  # megatron's aux-loss-free balancing bias; HF Qwen has none
+        out[g + "mlp.router.expert_bias"] = torch.zeros(m.num_experts, dtype=torch.float32)
+    for local, expert in _expert_ids(m):
+        _mlp_to_mcore(hf, f"{h}mlp.experts.{expert}.", out, f"{g}mlp.experts.local_experts.{local}.", tp_rank, tp_size)
+    if m.moe_shared_expert_intermediate_size:
+        _mlp_to_mcore(hf, h + "mlp.shared_expert.", out, g + "mlp.shared_experts.", tp_rank, tp_size)
+        if m.moe_shared_expert_gate:
+            out[g + "mlp.shared_experts.gate_weight"] = hf[h + "mlp.shared_expert_gate.weight"]
+
+
+def _moe_to_hf(shards, g: str, hf: dict, h: str, m: ModelArgs) -> None:
+    hf[h + "mlp.gate.weight"] = shards[0][g + "mlp.router.weight"]
+    for local, expert in _expert_ids(m):
+        _mlp_to_hf(shards, f"{g}mlp.experts.local_experts.{local}.", hf, f"{h}mlp.experts.{expert}.")
+    if g + "mlp.shared_experts.linear_fc1.weight" in shards[0]:
+        _mlp_to_hf(shards, g + "mlp.shared_experts.", hf, h + "mlp.shared_expert.")
+    if g + "mlp.shared_experts.gate_weight" in shards[0]:
+        hf[h + "mlp.shared_expert_gate.weight"] = shards[0][g + "mlp.shared_experts.gate_weight"]
+
+
 def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """One TP rank's megatron state dict from a HF state dict (``model.*``, ``lm_head.weight``)."""
     if m.num_query_groups % tp_size:
         raise ValueError(f"--num-query-groups {m.num_query_groups} is not divisible by TP {tp_size}")
     padded = m.padded_vocab_size(tp_size)
+    pattern = m.moe_pattern()
     out: dict[str, torch.Tensor] = {}
     out["embedding.word_embeddings.weight"] = _chunk(_pad_vocab(hf["model.embed_tokens.weight"], padded), tp_rank, tp_size)
     for i in range(m.num_layers):
@@ -82,11 +131,10 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, 
             bias = _qkv_to_mcore(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], m)
             out[g + "self_attention.linear_qkv.bias"] = _chunk(bias, tp_rank, tp_size)
         out[g + "self_attention.linear_proj.weight"] = _chunk(hf[a + "o_proj.weight"], tp_rank, tp_size, dim=1)
-        mlp = h + "mlp."
-        gate = _chunk(hf[mlp + "gate_proj.weight"], tp_rank, tp_size)
-        up = _chunk(hf[mlp + "up_proj.weight"], tp_rank, tp_size)
-        out[g + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-        out[g + "mlp.linear_fc2.weight"] = _chunk(hf[mlp + "down_proj.weight"], tp_rank, tp_size, dim=1)
+        if pattern[i]:
+            _moe_to_mcore(hf, h, out, g, m, tp_rank, tp_size)
+        else:
+            _mlp_to_mcore(hf, h + "mlp.", out, g + "mlp.", tp_rank, tp_size)
     out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
     if m.untie_embeddings_and_output_weights:
         out["output_layer.weight"] = _chunk(_pad_vocab(hf["lm_head.weight"], padded), tp_rank, tp_size)
@@ -94,7 +142,9 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, 
 
 
 def mcore_to_hf(shards: list[Mapping[str, torch.Tensor]], m: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF state dict from every TP rank's megatron state dict (rank order)."""
+    """HF state dict from every TP rank's megatron state dict (rank order). A layer is MoE when
+    its router is there (not from ``m.moe_layer_freq``: weight sync converts one layer at a time
+    as a one-layer model)."""
     tp = len(shards)
     first = shards[0]
 
@@ -117,11 +167,10 @@ def mcore_to_hf(shards: list[Mapping[str, torch.Tensor]], m: ModelArgs) -> dict[
                 cat(g + "self_attention.linear_qkv.bias"), m
             )
         hf[a + "o_proj.weight"] = cat(g + "self_attention.linear_proj.weight", dim=1)
-        gates, ups = zip(*(s[g + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards))
-        mlp = h + "mlp."
-        hf[mlp + "gate_proj.weight"] = torch.cat(gates, dim=0)
-        hf[mlp + "up_proj.weight"] = torch.cat(ups, dim=0)
-        hf[mlp + "down_proj.weight"] = cat(g + "mlp.linear_fc2.weight", dim=1)
+        if g + "mlp.router.weight" in first:
+            _moe_to_hf(shards, g, hf, h, m)
+        else:
+            _mlp_to_hf(shards, g + "mlp.", hf, h + "mlp.")
     hf["model.norm.weight"] = first["decoder.final_layernorm.weight"]
     if m.untie_embeddings_and_output_weights:
         hf["lm_head.weight"] = cat("output_layer.weight")[: m.vocab_size].contiguous()

@@ -1,10 +1,10 @@
 """Model architecture from Megatron-LM flags and/or a HF config.json, checked against each other.
 
 `ModelArgs` is the typed architecture group. `resolve_model_args` fills every field not given
-on the command line from ``--hf-checkpoint``'s config.json (Qwen3, Qwen2/2.5, Llama-3 dense),
-and stops with an error naming the flag and both values where a given flag disagrees with the
-HF config (a wrong ``--rotary-base``, say): a silently different architecture would load the
-weights and train a broken model.
+on the command line from ``--hf-checkpoint``'s config.json (Qwen3, Qwen2/2.5, Llama-3 dense;
+Qwen3-MoE and Qwen2-MoE, see `moe_config`), and stops with an error naming the flag and both
+values where a given flag disagrees with the HF config (a wrong ``--rotary-base``, say): a
+silently different architecture would load the weights and train a broken model.
 """
 
 from __future__ import annotations
@@ -14,21 +14,29 @@ import json
 import os
 from dataclasses import dataclass, fields
 
+from slime.backends.megatron_utils.moe_config import (
+    ModelConfigError,
+    add_moe_arguments,
+    check_moe_fields,
+    hf_moe_args,
+    moe_layer_pattern,
+)
+
 __all__ = ["ModelArgs", "ModelConfigError", "add_model_arguments", "hf_model_args", "resolve_model_args"]
 
-SUPPORTED_HF = ("qwen3", "qwen2", "llama")
-
-
-class ModelConfigError(ValueError):
-    pass
+SUPPORTED_HF = ("qwen3", "qwen2", "llama", "qwen3_moe", "qwen2_moe")
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """A dense GPT architecture, in Megatron-LM's terms.
+    """A GPT architecture (dense or MoE), in Megatron-LM's terms.
 
     ``vocab_size`` is the tokenizer's (HF config's) size; the embedding is padded to
     ``padded_vocab_size(tp)`` for tensor parallelism and the padding is never a prediction.
+    ``num_experts`` None means dense. The ``moe_*`` fields up to ``moe_layer_freq`` are
+    architecture (checked against config.json); the rest are routing/training settings that
+    config.json does not hold. ``moe_layer_freq`` is an int N or an explicit 0/1 tuple per
+    layer (HF-derived and resolved values are always the tuple).
     """
 
     num_layers: int
@@ -50,6 +58,30 @@ class ModelArgs:
     use_rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     make_vocab_size_divisible_by: int = 128
+    rotary_percent: float = 1.0
+    # MoE architecture
+    num_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    moe_layer_freq: int | tuple[int, ...] = 1
+    # MoE routing / training
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_router_dtype: str | None = None
+    moe_token_dispatcher_type: str = "allgather"
+    moe_grouped_gemm: bool = False
+    moe_permute_fusion: bool = False
+    moe_token_drop_policy: str = "probs"
+    moe_expert_capacity_factor: float | None = None
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "vocab_size"):
@@ -61,6 +93,19 @@ class ModelArgs:
             )
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ModelConfigError(f"--normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ModelConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        check_moe_fields(self)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    def moe_pattern(self) -> tuple[int, ...]:
+        """1 for each MoE decoder layer, 0 for each dense one (all 0 for a dense model)."""
+        if not self.is_moe:
+            return (0,) * self.num_layers
+        return moe_layer_pattern(self.moe_layer_freq, self.num_layers)
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         multiple = self.make_vocab_size_divisible_by * tp
@@ -68,7 +113,7 @@ class ModelArgs:
 
 
 def hf_model_args(hf_dir: str) -> dict:
-    """The ModelArgs fields implied by a HF config.json (Qwen3, Qwen2, Llama)."""
+    """The ModelArgs fields implied by a HF config.json (Qwen3, Qwen2, Llama; Qwen3-/Qwen2-MoE)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ModelConfigError(f"--hf-checkpoint {hf_dir!r} has no config.json")
@@ -94,10 +139,14 @@ def hf_model_args(hf_dir: str) -> dict:
         normalization="RMSNorm",
         norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
         rotary_base=float(cfg.get("rope_theta", 10000.0)),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         add_bias_linear=bool(cfg.get("mlp_bias", False)),
-        add_qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        add_qkv_bias=model_type == "qwen2"
+        or (model_type == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
+        or bool(cfg.get("attention_bias", False)),
         untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
+        rotary_percent=float(cfg.get("partial_rotary_factor", 1.0)),
+        **hf_moe_args(cfg, path),
     )
     scaling = cfg.get("rope_scaling") or {}
     if scaling:
@@ -140,6 +189,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--use-rope-scaling", action="store_true", default=None)
     g.add_argument("--position-embedding-type", choices=("rope",), default="rope")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="accepted for slime scripts; RoPE is the only choice")
+    g.add_argument("--rotary-percent", type=float, default=None, help="fraction of each head's dims rotated (default 1.0)")
+    add_moe_arguments(parser)
     return parser
 
 
@@ -155,16 +206,25 @@ def _flag_values(args: argparse.Namespace) -> dict:
     return given
 
 
+def _normalize_layer_freq(values: dict, num_layers: int | None) -> None:
+    """An integer --moe-layer-freq as the explicit per-layer tuple (comparable with HF's)."""
+    freq = values.get("moe_layer_freq")
+    if freq is not None and num_layers is not None:
+        values["moe_layer_freq"] = moe_layer_pattern(freq, num_layers)
+
+
 def resolve_model_args(args: argparse.Namespace) -> ModelArgs:
     """Flags first, HF config for the rest; a flag that contradicts the HF config is an error."""
     given = _flag_values(args)
     hf_dir = getattr(args, "hf_checkpoint", None)
     derived = hf_model_args(hf_dir) if hf_dir and os.path.exists(os.path.join(hf_dir, "config.json")) else {}
+    _normalize_layer_freq(given, given.get("num_layers", derived.get("num_layers")))
     for name, value in given.items():
         if name not in derived or name == "make_vocab_size_divisible_by":
             continue
         ref = derived[name]
-        same = float(value) == float(ref) if isinstance(ref, (int, float)) and not isinstance(ref, bool) else value == ref
+        numeric = isinstance(ref, (int, float)) and not isinstance(ref, bool) and not isinstance(value, bool)
+        same = float(value) == float(ref) if numeric else value == ref
         if not same:
             raise ModelConfigError(
                 f"--{name.replace('_', '-')} is {value!r} but {hf_dir}/config.json implies {ref!r}; "
@@ -175,6 +235,8 @@ def resolve_model_args(args: argparse.Namespace) -> ModelArgs:
         # and linear layers have biases unless --disable-bias-linear.
         for name in ("swiglu", "qk_layernorm", "add_qkv_bias", "untie_embeddings_and_output_weights", "use_rope_scaling"):
             given.setdefault(name, False)
+        if given.get("num_experts") is not None:  # Megatron-LM: experts default to the dense FFN size
+            given.setdefault("moe_ffn_hidden_size", given.get("ffn_hidden_size"))
         given.setdefault("add_bias_linear", True)
     merged = {**derived, **given}
     required = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
@@ -186,4 +248,5 @@ def resolve_model_args(args: argparse.Namespace) -> ModelArgs:
         )
     merged.setdefault("num_query_groups", merged["num_attention_heads"])
     merged.setdefault("kv_channels", merged["hidden_size"] // merged["num_attention_heads"])
+    _normalize_layer_freq(merged, merged["num_layers"])
     return ModelArgs(**merged)

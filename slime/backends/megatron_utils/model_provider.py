@@ -2,7 +2,8 @@
 
 The local spec's core attention is replaced by `PackedCoreAttention` so packed (THD) batches
 work on every device. Fusions that need apex/TE kernels are off; on CUDA, bf16 training keeps
-fp32 master weights in megatron's optimizer.
+fp32 master weights in megatron's optimizer. MoE models (``ModelArgs.num_experts``) get
+megatron's MoE layers where ``--moe-layer-freq`` says, through `moe_layers`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class ModelBuildArgs:
 def transformer_config(model: ModelArgs, build: ModelBuildArgs):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from slime.backends.megatron_utils.moe_layers import moe_config_kwargs
+
     dtype = torch.bfloat16 if build.bf16 else torch.float32
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -97,18 +100,27 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         # DDP then sums gradients over DP ranks and the schedule takes each micro-batch's loss
         # as is: the loss weights already hold the global denominators (see batching).
         calculate_per_token_loss=True,
+        **moe_config_kwargs(model),
     )
 
 
-def layer_spec(model: ModelArgs, attention_backend: str):
+def layer_spec(model: ModelArgs, attention_backend: str, config=None):
+    """The local layer spec with our core attention; for a MoE model (``config`` needed) the
+    block spec of this pipeline stage, dense and MoE layers per ``--moe-layer-freq``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from slime.backends.megatron_utils.attention import PackedCoreAttention
 
+    core_attention = ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
+    if model.is_moe:
+        from slime.backends.megatron_utils.moe_layers import moe_block_spec
+
+        if config is None:
+            raise ValueError("a MoE layer spec needs the TransformerConfig")
+        return moe_block_spec(config, model, core_attention)
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization))
-    attn = spec.submodules.self_attention.submodules
-    attn.core_attention = ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
+    spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
 
@@ -119,7 +131,7 @@ def build_gpt_model(model: ModelArgs, build: ModelBuildArgs):
     config = transformer_config(model, build)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, build.attention_backend),
+        transformer_layer_spec=layer_spec(model, build.attention_backend, config),
         vocab_size=model.padded_vocab_size(build.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=True,
@@ -127,6 +139,7 @@ def build_gpt_model(model: ModelArgs, build: ModelBuildArgs):
         parallel_output=True,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
+        rotary_percent=model.rotary_percent,
         rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
         rope_scaling=model.use_rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,

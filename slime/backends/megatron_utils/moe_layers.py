@@ -1,0 +1,195 @@
+"""The MoE part of the model provider: megatron-core MoE layers on the local (non-TE) spec.
+
+Imports megatron-core at import time: import it lazily (the model provider does).
+
+* `moe_config_kwargs`: TransformerConfig fields of `ModelArgs`' MoE settings.
+* `moe_block_spec`: megatron's own decoder block spec (dense and MoE layers per
+  ``moe_layer_freq``, sliced per pipeline stage) with our packed core attention and
+  `SlimeTopKRouter` put in.
+* `SlimeTopKRouter`: megatron's top-k router, plus per-layer counts of routed tokens per expert
+  (router statistics) and one place that decides the load-balancing loss weight (below).
+* `moe_step_metrics`: aux losses and router statistics of the last step, reduced over ranks.
+
+Experts are `SequentialMLP` (one expert after another): ``--moe-grouped-gemm`` and
+``--moe-permute-fusion`` need Transformer Engine / grouped_gemm kernels that the local spec
+does not use, so they are accepted and logged as off. The HF<->Megatron mapping
+(`hf_weights`) names SequentialMLP's parameters.
+
+Aux-loss weight. megatron-core attaches each MoE layer's load-balancing loss to the router
+output and scales its gradient by the schedule's loss scale (1 when
+``calculate_per_token_loss``, which our config sets) times, in per-token mode, the micro-batch's
+token count, expecting ``finalize_model_grads`` to divide by the global token count. Our loss
+weights already hold the global denominators and nothing divides afterwards, so the token
+factor would inflate the aux gradient by thousands. `SlimeTopKRouter` drops that factor and
+multiplies by `aux_loss_weight` instead (default 1: each micro-batch's aux loss counts with
+``--moe-aux-loss-coeff``, summed over micro-batches and DP ranks). A trainer that wants
+Megatron-LM's mean over micro-batches calls ``set_aux_loss_weight(1 / (micro_batches * dp))``
+before the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+    save_to_aux_losses_tracker,
+)
+from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler, TopKRouter
+
+if TYPE_CHECKING:
+    from slime.backends.megatron_utils.model_config import ModelArgs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SlimeTopKRouter",
+    "define_missing_te_gemm",
+    "moe_block_spec",
+    "moe_config_kwargs",
+    "moe_step_metrics",
+    "set_aux_loss_weight",
+]
+
+
+def _te_installed() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def define_missing_te_gemm() -> None:
+    """megatron-core 0.16.1's router gating tests ``te_general_gemm is not None`` but defines the
+    name only when Transformer Engine imports: without TE every MoE forward raises NameError.
+    Define it as None (its "no TE" value) there; a no-op when TE is installed or a later
+    megatron-core defines it."""
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def moe_config_kwargs(m: "ModelArgs") -> dict:
+    """TransformerConfig keyword arguments of the MoE settings ({} for a dense model)."""
+    if not m.is_moe:
+        return {}
+    te = _te_installed()
+    if m.moe_grouped_gemm:
+        logger.info("--moe-grouped-gemm: the local layer spec runs the experts sequentially (SequentialMLP)")
+    if m.moe_permute_fusion and not te:
+        logger.info("--moe-permute-fusion: needs Transformer Engine, not installed; using the unfused permutation")
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
+        moe_layer_freq=list(m.moe_pattern()),
+        moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
+        moe_router_dtype=m.moe_router_dtype,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=m.moe_permute_fusion and te,
+        moe_token_drop_policy=m.moe_token_drop_policy,
+        moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
+        moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+    )
+
+
+class SlimeTopKRouter(TopKRouter):
+    """megatron's TopKRouter + routed-token counts per expert + our aux-loss gradient weight."""
+
+    aux_loss_weight = 1.0  # class-wide: every MoE layer of the process uses the same weight
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        # Summed over the training forwards of a step; non-persistent: statistics, not weights.
+        self.register_buffer("routed_tokens", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
+
+    def routing(self, logits, padding_mask=None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.training and torch.is_grad_enabled():
+            self.routed_tokens += routing_map.sum(dim=0).to(self.routed_tokens.device, torch.float64)
+        return probs, routing_map
+
+    def attach_and_log_load_balancing_loss(
+        self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group, reduce_group_has_dp=False,
+        valid_token_count=None,
+    ):
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker(
+            aux_loss_name, aux_loss / aux_loss_coeff, self.layer_number, num_layers,
+            reduce_group=reduce_group, reduce_group_has_dp=reduce_group_has_dp,
+        )
+        return MoEAuxLossAutoScaler.apply(activation, aux_loss * SlimeTopKRouter.aux_loss_weight)
+
+
+def set_aux_loss_weight(weight: float) -> None:
+    """Gradient weight of each micro-batch's load-balancing loss (times --moe-aux-loss-coeff)."""
+    if weight < 0:
+        raise ValueError(f"aux loss weight must be >= 0, got {weight}")
+    SlimeTopKRouter.aux_loss_weight = float(weight)
+
+
+def moe_block_spec(config, m: "ModelArgs", core_attention_spec):
+    """megatron's local decoder block spec for ``config`` (dense/MoE per layer, this pipeline
+    stage's layers), with ``core_attention_spec`` and `SlimeTopKRouter` in every layer."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    define_missing_te_gemm()
+    block = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization))
+    for spec in block.layer_specs:
+        spec.submodules.self_attention.submodules.core_attention = core_attention_spec
+        mlp = spec.submodules.mlp
+        if hasattr(mlp.submodules, "router"):  # MoESubmodules (dense layers hold MLPSubmodules)
+            mlp.submodules.router = SlimeTopKRouter
+    return block
+
+
+def _routers(model) -> list:
+    return [mod for mod in model.modules() if isinstance(mod, SlimeTopKRouter)]
+
+
+def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
+    """The last step's MoE metrics, then reset: ``moe/<aux loss name>`` (each aux loss, mean
+    over MoE layers and micro-batches, averaged over DP ranks as megatron logs it, unweighted
+    by its coefficient) and router statistics of the routed tokens summed over the step and
+    the DP group: ``moe/expert_load_max`` (busiest expert's share / uniform share, mean over
+    layers; 1 = balanced) and ``moe/experts_unused`` (fraction of (layer, expert) pairs that
+    got no token). Every rank of the DP group must call it (collectives); {} for a dense model."""
+    routers = _routers(model)
+    if not routers:
+        return {}
+    out: dict[str, float] = {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    if tracker:
+        reduce_aux_losses_tracker_across_ranks()
+        for name, entry in tracker.items():
+            out[f"moe/{name}"] = float(entry["values"].sum()) / len(routers) / max(num_micro_batches, 1)
+        clear_aux_losses_tracker()
+    counts = torch.stack([r.routed_tokens.to(torch.float64) for r in routers])
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+    total = counts.sum(dim=1, keepdim=True)
+    if float(total.sum()) > 0:
+        share = counts / total.clamp(min=1.0)
+        out["moe/expert_load_max"] = float((share.max(dim=1).values * counts.shape[1]).mean())
+        out["moe/experts_unused"] = float((counts == 0).double().mean())
+    for r in routers:
+        r.routed_tokens.zero_()
+    return out
