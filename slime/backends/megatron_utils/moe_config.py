@@ -49,6 +49,8 @@ def parse_moe_layer_freq(text: str) -> int | tuple[int, ...]:
     ``([0]*1+[1]*47)`` (what Megatron-LM accepts). Evaluated without ``eval``: only list/tuple
     literals of integers, ``+`` and ``*`` are allowed."""
     text = str(text).strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a shell-quoted pattern ("'([1]*48)'")
+        text = text[1:-1].strip()
     try:
         return int(text)
     except ValueError:
