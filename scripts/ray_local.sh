@@ -45,3 +45,26 @@ start_local_ray() {  # $1: CPUs, $2: GPUs
   echo "ray head did not answer at ${SUBMIT_ADDRESS} within 90 s" >&2
   exit 1
 }
+
+submit_job() {  # ray job submit to ${SUBMIT_ADDRESS}; "$@": its options, then -- and the entrypoint
+  # A head that answers `ray job list` may not have its job agent registered yet (seen on a
+  # loaded machine: HTTP 500 "No available agent to submit job"). No job exists then, so the
+  # submission is retried; every other failure, and any failure of the job itself, is final.
+  local log rc
+  log=$(mktemp)
+  for _ in $(seq 1 30); do
+    set +e
+    ray job submit --address "${SUBMIT_ADDRESS}" "$@" 2>&1 | tee "${log}"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "${rc}" -eq 0 ] || ! grep -q "No available agent to submit job" "${log}"; then
+      rm -f "${log}"
+      return "${rc}"
+    fi
+    echo "ray job agent not ready yet; submitting again in 2 s" >&2
+    sleep 2
+  done
+  rm -f "${log}"
+  echo "ray job agent never became ready at ${SUBMIT_ADDRESS}" >&2
+  return 1
+}

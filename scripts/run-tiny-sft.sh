@@ -92,7 +92,7 @@ fi
 
 source "${ROOT}/scripts/ray_local.sh"
 start_local_ray 3 0
-ray job submit --address "${SUBMIT_ADDRESS}" \
+submit_job \
    --runtime-env-json "{\"env_vars\": {\"OMP_NUM_THREADS\": \"1\", \"PYTHONPATH\": \"${ROOT}\"}}" \
    -- "${TRAIN_CMD[@]}"
 

@@ -18,7 +18,7 @@ def test_script_flags_parse(tmp_path, name):
     path = ROOT / "scripts" / name
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
     text = path.read_text()
-    for group in ("MODEL_ARGS", "CKPT_ARGS", "SFT_ARGS", "PERF_ARGS", "OPTIMIZER_ARGS", "WANDB_ARGS", "MISC_ARGS", "ray job submit"):
+    for group in ("MODEL_ARGS", "CKPT_ARGS", "SFT_ARGS", "PERF_ARGS", "OPTIMIZER_ARGS", "WANDB_ARGS", "MISC_ARGS", "submit_job"):
         assert group in text, group
     assert "pkill" not in text and "0.0.0.0" not in text
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"))
@@ -34,6 +34,7 @@ def test_ray_helper_binds_localhost_with_auth():
     text = (ROOT / "scripts" / "ray_local.sh").read_text()
     assert "--dashboard-host 127.0.0.1" in text and "--node-ip-address 127.0.0.1" in text
     assert "RAY_AUTH_MODE" in text and "pkill" not in text and "ray stop" not in text
+    assert "ray job submit" in text  # submit_job, which the launchers call
 
 
 @pytest.fixture
@@ -83,6 +84,25 @@ def test_users_own_token_and_cluster_are_left_alone(tmp_path):
     proc = _source_helper('OUT=/nonexistent; start_local_ray 1 0; echo "$SUBMIT_ADDRESS|${RAY_AUTH_MODE:-unset}"', env)
     assert proc.stdout.strip() == "http://10.0.0.1:8265|unset", proc.stderr  # their cluster, their auth mode
     assert not (tmp_path / "b" / "home" / ".ray").exists()
+
+
+@pytest.mark.parametrize("failure, calls, rc", [("No available agent to submit job, please try again later", 3, 0), ("job failed", 1, 1)])
+def test_submit_retries_only_while_the_job_agent_is_not_ready(tmp_path, failure, calls, rc):
+    """A fake `ray` CLI fails twice: the not-ready agent is retried, any other failure is final."""
+    bin_dir, count = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "ray"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'n=$(( $(cat "{count}" 2>/dev/null || echo 0) + 1 )); echo $n > "{count}"\n'
+        f'if [ $n -le 2 ]; then echo "RuntimeError: {failure}"; exit 1; fi\n'
+        'echo "Job succeeded"\n'
+    )
+    fake.chmod(0o755)
+    env = _bare_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SUBMIT_ADDRESS="http://127.0.0.1:1")
+    proc = _source_helper('sleep() { :; }; submit_job -- python3 train.py', env)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    assert int(count.read_text()) == calls
 
 
 def test_ci_runs_the_test_command_in_a_clean_environment():

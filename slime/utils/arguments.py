@@ -158,6 +158,11 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--disable-compute-advantages-and-returns", action="store_true", help="skip RL pre-computation (SFT never runs it)")
     g.add_argument("--n-samples-per-prompt", type=_positive_int, default=1, help="RL: samples per prompt (a group); 1 for SFT")
     g.add_argument("--colocate", action="store_true", help="RL: engines share the trainer's GPUs; rejected for SFT")
+    g.add_argument(
+        "--balance-data",
+        action="store_true",
+        help="balance tokens across DP ranks (always done here: each step is split token-balanced; kept for slime's scripts)",
+    )
     g.add_argument("--rollout-num-gpus", type=int, default=None, help="RL: GPUs of the inference engines; rejected for SFT")
     return parser
 
