@@ -44,8 +44,7 @@ class TrainRayActor:
 
         cfg = actor_config_from_args(args, total_steps)
         _, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
-        # TODO(lead): plain cfg.algorithm once ActorConfig carries it.
-        self.actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, getattr(cfg, "algorithm", None))
+        self.actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, cfg.algorithm)
         self.args = args
         state: dict = {}
         if has_checkpoint(args.load):  # resume: weights, optimizer, schedule, RNG, data position
