@@ -105,6 +105,10 @@ def run_engine_inprocess(engine, prompts, new_tokens: int) -> tuple[float, list[
     return time.perf_counter() - t, outs
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+
 class Table:
     """Prints each row as soon as it is measured; ratios and output equality against the first row."""
 
@@ -119,7 +123,7 @@ class Table:
             print("|---|---:|---:|---:|---:|---:|")
         ref_name, ref_time, ref_out = self.ref
         same = sum(o == r for o, r in zip(outs, ref_out))
-        print(f"| {name} | {seconds:.2f} | {self.total} | {self.total / seconds:,.0f} | {ref_time / seconds:.2f}x | {same}/{len(outs)} |", flush=True)
+        print(f"| {name} | {seconds:.2f} | {self.total} | {_rate(self.total / seconds)} | {ref_time / seconds:.2f}x | {same}/{len(outs)} |", flush=True)
 
 
 def main() -> int:

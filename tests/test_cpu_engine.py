@@ -416,6 +416,18 @@ def test_http_control_routes(server, other_dir):
     status, r = results[0]
     assert status == 200 and r["meta_info"]["finish_reason"]["type"] == "abort" and 0 < len(r["output_ids"]) < 3000
 
+    # A client that hangs up has its request aborted instead of decoded to the end.
+    import socket
+
+    body = json.dumps({"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    before = srv.engine.stats["generated_tokens"]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        _wait_for(lambda: srv.engine.load()["num_running"] >= 1)
+    _wait_for(lambda: srv.engine.load()["num_running"] == 0)
+    assert srv.engine.stats["generated_tokens"] - before < 3000
+
     status, r = _post(url + "/update_weights_from_disk", {"model_path": str(other_dir), "weight_version": "v2"})
     assert status == 200 and r["success"] is True
     assert _get(url + "/get_weight_version")[1] == {"weight_version": "v2"}

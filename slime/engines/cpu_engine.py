@@ -68,6 +68,11 @@ def _future_for(rid: str) -> Future:
     return future
 
 
+def _fail(future: Future, error: Exception) -> None:
+    if not future.done():  # a caller may have cancelled it
+        future.set_exception(error)
+
+
 def _eos_ids(model, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id):
@@ -281,7 +286,7 @@ class CpuEngine:
         self._running, self._next_tokens, self._kv = [], [], BatchKV(self.device)
         for req in pending:
             if self._error is not None:
-                req.future.set_exception(EngineError(f"the CPU engine failed: {self._error!r}"))
+                _fail(req.future, EngineError(f"the CPU engine failed: {self._error!r}"))
             else:
                 self._resolve(req, self._abort_reason("the engine shut down"))
 
@@ -301,7 +306,7 @@ class CpuEngine:
             try:
                 self._prefill(req)
             except BaseException as e:  # neither queued nor running any more: fail it here
-                req.future.set_exception(EngineError(f"prefill failed: {e!r}"))
+                _fail(req.future, EngineError(f"prefill failed: {e!r}"))
                 raise
         if self._running:
             self._decode()

@@ -108,7 +108,7 @@ def build_app(engine, config: EngineConfig):
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except asyncio.CancelledError:  # the client went away: stop spending compute on it
             for f in futures:
-                if not f.done():
+                if f.cancelled() or not f.done():  # asyncio's cancel already reached some of them
                     engine.abort(rid=f.rid)
             raise
         except Exception as e:  # noqa: BLE001 - engine failure: report it to the client
@@ -241,7 +241,9 @@ class EngineServer:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            self._runner = web.AppRunner(build_app(self.engine, self.config), access_log=None, shutdown_timeout=5.0)
+            # handler_cancellation: a client that hangs up cancels its handler, which aborts its requests.
+            app = build_app(self.engine, self.config)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handler_cancellation=True)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.config.host, self.config.port)
             loop.run_until_complete(site.start())
