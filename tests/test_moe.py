@@ -1,0 +1,266 @@
+"""MoE (Qwen3-MoE, Qwen2-MoE): HF parity, bit-exact HF <-> Megatron at TP=1 and TP=2, SFT steps
+with the load-balancing loss checked against transformers' routing, router metrics, and the
+MoE flags of slime's Qwen3-30B-A3B script (derived from config.json, mismatches refused).
+
+The tiny checkpoints are written at test time by tools/make_tiny_qwen3_moe.py (random init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_model_scripts import HF_CONFIGS, script_args
+
+sys.path.insert(0, str(ROOT / "tools"))
+from make_tiny_qwen3_moe import FAMILIES, make_tiny_moe  # noqa: E402
+
+DIST_TIMEOUT_S = 240
+
+# THUDM/slime's scripts/models/qwen3-30B-A3B.sh MODEL_ARGS, as its bash loop expands them.
+SLIME_QWEN3_30B_A3B = [
+    "--disable-bias-linear", "--qk-layernorm", "--group-query-attention", "--num-attention-heads", "32",
+    "--num-query-groups", "4", "--kv-channels", "128", "--num-layers", "48", "--hidden-size", "2048",
+    "--ffn-hidden-size", "6144", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+    "--norm-epsilon", "1e-6", "--rotary-percent", "1.0", "--swiglu", "--untie-embeddings-and-output-weights",
+    "--vocab-size", "151936", "--rotary-base", "1000000",
+    "--moe-ffn-hidden-size", "768", "--moe-router-score-function", "softmax", "--moe-token-dispatcher-type", "alltoall",
+    "--moe-router-topk", "8", "--moe-layer-freq", "[" + ", ".join(["1"] * 48) + "]", "--num-experts", "128",
+    "--moe-grouped-gemm", "--moe-token-drop-policy", "probs", "--moe-router-dtype", "fp32", "--moe-permute-fusion",
+    "--moe-aux-loss-coeff", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    from slime.backends.megatron_utils.cpu_compat import disable_cpu_mode
+    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
+
+    yield init_parallel(1, seed=1234)
+    destroy_parallel()
+    disable_cpu_mode()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {f: make_tiny_moe(root / f, f) for f in FAMILIES}
+
+
+def _parser():
+    from slime.backends.megatron_utils.model_config import add_model_arguments
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf-checkpoint")
+    add_model_arguments(p)
+    return p
+
+
+def resolve(*argv):
+    from slime.backends.megatron_utils.model_config import resolve_model_args
+
+    return resolve_model_args(_parser().parse_args([str(a) for a in argv]))
+
+
+def build(m):
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
+
+    return build_gpt_model(m, ModelBuildArgs())
+
+
+def hf_state(hf_dir):
+    from slime.backends.megatron_utils.hf_weights import load_hf_state_dict
+
+    return load_hf_state_dict(str(hf_dir))
+
+
+# ------------------------------------------------------------------ flags and config.json
+def test_flags_derived_from_hf_config(checkpoints):
+    q3 = resolve("--hf-checkpoint", checkpoints["qwen3_moe"])
+    assert (q3.num_experts, q3.moe_router_topk, q3.moe_ffn_hidden_size, q3.ffn_hidden_size) == (8, 2, 32, 96)
+    assert q3.moe_layer_freq == (1, 1) and not q3.moe_router_pre_softmax  # norm_topk_prob: softmax over the top-k
+    assert q3.qk_layernorm and not q3.add_qkv_bias and q3.moe_shared_expert_intermediate_size is None
+    q2 = resolve("--hf-checkpoint", checkpoints["qwen2_moe"])
+    assert q2.moe_layer_freq == (0, 1, 1)  # mlp_only_layers=[0]
+    assert q2.moe_router_pre_softmax  # no top-k renormalization
+    assert (q2.moe_shared_expert_intermediate_size, q2.moe_shared_expert_gate, q2.add_qkv_bias) == (48, True, True)
+    # Agreeing flags (an integer --moe-layer-freq is expanded before the comparison) are fine.
+    assert resolve("--hf-checkpoint", checkpoints["qwen3_moe"], "--num-experts", "8", "--moe-layer-freq", "1") == q3
+    assert resolve("--hf-checkpoint", checkpoints["qwen2_moe"], "--moe-layer-freq", "([0]*1+[1]*2)") == q2
+
+
+@pytest.mark.parametrize(
+    "family,flags,match",
+    [
+        ("qwen3_moe", ["--num-experts", "16"], r"--num-experts is 16 but .*config\.json implies 8"),
+        ("qwen3_moe", ["--moe-router-topk", "4"], "--moe-router-topk is 4"),
+        ("qwen3_moe", ["--moe-router-pre-softmax"], "--moe-router-pre-softmax is True"),
+        ("qwen3_moe", ["--moe-ffn-hidden-size", "64"], "--moe-ffn-hidden-size is 64"),
+        ("qwen2_moe", ["--moe-layer-freq", "1"], r"--moe-layer-freq is \(1, 1, 1\)"),
+        ("qwen2_moe", ["--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert-intermediate-size is 32"),
+        ("qwen3_moe", ["--rotary-percent", "0.5"], "--rotary-percent is 0.5"),
+    ],
+)
+def test_flag_contradicting_config_is_refused(checkpoints, family, flags, match):
+    from slime.backends.megatron_utils.model_config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=match):
+        resolve("--hf-checkpoint", checkpoints[family], *flags)
+
+
+def test_moe_flags_on_a_dense_config_are_refused(tmp_path):
+    from slime.backends.megatron_utils.model_config import ModelConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIGS["qwen3-4B"]))
+    with pytest.raises(ModelConfigError, match="--num-experts is 8 but .* implies None"):
+        resolve("--hf-checkpoint", tmp_path, *script_args("qwen3-4B"), "--num-experts", "8")
+
+
+def test_layer_freq_parsing_and_bad_values():
+    from slime.backends.megatron_utils.moe_config import parse_moe_layer_freq
+
+    assert parse_moe_layer_freq("2") == 2
+    assert parse_moe_layer_freq("[0, 1,1]") == (0, 1, 1)
+    assert parse_moe_layer_freq("'([0]*2+[1]*3)'") == (0, 0, 1, 1, 1)  # shell-quoted, as some scripts pass it
+    for bad in ("[0, 2]", "__import__('os')", "[1]*x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--moe-layer-freq"):
+            parse_moe_layer_freq(bad)
+    with pytest.raises(ValueError, match="lists 2 layers but the model has --num-layers 4"):
+        resolve("--num-layers", 4, "--hidden-size", 64, "--ffn-hidden-size", 96, "--num-attention-heads", 4,
+                "--vocab-size", 300, "--num-experts", 4, "--moe-layer-freq", "[1,1]")
+
+
+def test_slime_qwen3_30b_a3b_flags_parse_and_match_the_hf_config(tmp_path):
+    from slime.backends.megatron_utils.arguments import actor_config_from_args
+    from slime.utils.arguments import get_parser
+
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIGS["qwen3-30B-A3B"]))
+    theirs = resolve("--hf-checkpoint", tmp_path, *SLIME_QWEN3_30B_A3B)
+    ours = resolve("--hf-checkpoint", tmp_path, *script_args("qwen3-30B-A3B"))
+    assert theirs == ours
+    assert (ours.num_experts, ours.moe_router_topk, ours.moe_token_dispatcher_type, ours.moe_router_dtype) == (
+        128, 8, "alltoall", "fp32"
+    )
+    assert ours.moe_layer_freq == (1,) * 48 and not ours.moe_router_pre_softmax
+    # Our SFT launcher's whole command line (with slime's MODEL_ARGS) configures the actor.
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"))
+    flags = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "run-qwen3-30B-A3B-sft.sh")], env=env, capture_output=True, text=True,
+        check=True, timeout=60,
+    ).stdout.splitlines()
+    cfg = actor_config_from_args(get_parser().parse_args(flags), total_steps=10)
+    assert cfg.model.num_experts == 128 and cfg.build.tensor_model_parallel_size == 4 and cfg.build.sequence_parallel
+
+
+# ------------------------------------------------------------------ HF parity and round trip
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(parallel, checkpoints, family):
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from transformers import AutoModelForCausalLM
+
+    from slime.backends.megatron_utils.hf_weights import hf_to_mcore
+
+    hf_dir = checkpoints[family]
+    m = resolve("--hf-checkpoint", hf_dir)
+    model = build(m).eval()
+    missing, unexpected = model.load_state_dict(hf_to_mcore(hf_state(hf_dir), m), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.randint(0, m.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids, torch.arange(33).expand(2, 33), attention_mask=None)[..., : m.vocab_size]
+        torch.testing.assert_close(ours, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        # Packed (THD): routing is per token, so samples stay independent as in separate HF calls.
+        cu = torch.tensor([0, 5, 22, 33], dtype=torch.int32)
+        pos = torch.cat([torch.arange(n) for n in (5, 17, 11)])[None]
+        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=17, max_seqlen_kv=17)
+        packed = model(ids[:1], pos, attention_mask=None, packed_seq_params=psp)[0, :, : m.vocab_size]
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            torch.testing.assert_close(packed[s:e], ref(ids[:1, s:e]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_hf_round_trip_bit_exact(parallel, checkpoints, family, tp):
+    from slime.backends.megatron_utils.hf_weights import hf_to_mcore, mcore_to_hf
+
+    m = resolve("--hf-checkpoint", checkpoints[family])
+    hf = hf_state(checkpoints[family])
+    shards = [hf_to_mcore(hf, m, r, tp) for r in range(tp)]
+    if tp == 1:  # exactly the model's names and shapes
+        own = {k: v.shape for k, v in build(m).state_dict().items() if not k.endswith("_extra_state")}
+        assert {k: v.shape for k, v in shards[0].items()} == own
+    back = mcore_to_hf(shards, m)
+    assert set(back) == set(hf) - ({"lm_head.weight"} if not m.untie_embeddings_and_output_weights else set())
+    for k, v in back.items():
+        assert torch.equal(v, hf[k]), k
+
+
+@pytest.fixture(scope="module")
+def dist_ckpt(parallel, checkpoints, tmp_path_factory):
+    """The tiny Qwen2-MoE saved as a torch_dist checkpoint at TP=1 (what the converter writes)."""
+    from slime.backends.megatron_utils.checkpoint import save_model_weights
+    from slime.backends.megatron_utils.hf_weights import hf_to_mcore
+
+    m = resolve("--hf-checkpoint", checkpoints["qwen2_moe"])
+    model = build(m)
+    model.load_state_dict(hf_to_mcore(hf_state(checkpoints["qwen2_moe"]), m), strict=False)
+    root = tmp_path_factory.mktemp("dist") / "q2"
+    save_model_weights(model, str(root), iteration=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tp2_run(checkpoints, dist_ckpt, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp2")
+    tokens = torch.randint(0, 800, (29,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = [
+        {"name": "qwen3_moe", "hf_dir": str(checkpoints["qwen3_moe"]), "dispatcher": "alltoall", "dist_ckpt": ""},
+        {"name": "qwen2_moe", "hf_dir": str(checkpoints["qwen2_moe"]), "dispatcher": "allgather", "dist_ckpt": str(dist_ckpt)},
+    ]
+    torch.save({"runs": runs, "tokens": tokens}, tmp / "in.pt")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+        str(ROOT / "tests" / "moe_dist_worker.py"), str(tmp / "in.pt"), str(tmp / "out.pt"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DIST_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp / "out.pt", weights_only=True), tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_model_matches_transformers_and_exports_bit_exact(checkpoints, tp2_run, family):
+    """Real TP=2 ranks: the sharded weights give HF's logits (experts split by expert-TP, both
+    token dispatchers) and come back bit-exactly through export, weight sync and, for
+    Qwen2-MoE, a TP=1 torch_dist checkpoint resharded to TP=2."""
+    from transformers import AutoModelForCausalLM
+
+    result, tokens = tp2_run
+    entry, hf = result[family], hf_state(checkpoints[family])
+    ref = AutoModelForCausalLM.from_pretrained(str(checkpoints[family]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(entry["logits"], ref(torch.tensor([tokens])).logits[0], rtol=1e-5, atol=1e-5)
+    streamed = dict(entry["buckets"])
+    exports = [entry["hf"], streamed] + ([entry["hf_from_dist"]] if "hf_from_dist" in entry else [])
+    for exported in exports:
+        assert set(exported) == set(hf)
+        for k, v in exported.items():
+            assert torch.equal(v, hf[k]), k
+    assert family != "qwen2_moe" or "hf_from_dist" in entry
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
