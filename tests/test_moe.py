@@ -264,3 +264,81 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ SFT steps, aux loss, router metrics
+def _hf_reference(hf_dir, samples, m):
+    """transformers in float64: (per-token SFT loss + coeff * sum over MoE layers of megatron's
+    switch load-balancing loss over all tokens of the step, its per-layer values, routed-token
+    counts per layer and expert, HF-named gradients). Megatron's switch loss is HF's
+    load_balancing_loss_func of one layer divided by top-k."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float64)
+    total_sup = sum(sum(s["loss_mask"]) for s in samples)
+    ce, per_layer_logits = 0, None
+    for s in samples:
+        ids = torch.tensor(s["tokens"])[None]
+        out = model(ids, output_router_logits=True)
+        lp = out.logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        resp = lp[len(s["tokens"]) - s["response_length"] - 1 :]
+        ce = ce - (resp * torch.tensor(s["loss_mask"], dtype=torch.float64)).sum() / total_sup
+        logits = [r.double() for r in out.router_logits]
+        per_layer_logits = logits if per_layer_logits is None else [torch.cat(p) for p in zip(per_layer_logits, logits)]
+    k, e = m.moe_router_topk, m.num_experts
+    aux, counts = [], []
+    for logits in per_layer_logits:
+        probs = logits.softmax(-1)
+        routed = torch.zeros_like(probs).scatter(1, probs.topk(k, dim=-1).indices, 1.0).sum(0)
+        t = probs.shape[0]
+        aux.append((probs.sum(0) * routed).sum() * e / (k * t * t))
+        counts.append(routed.detach())
+    loss = ce + m.moe_aux_loss_coeff * sum(aux)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return float(loss), [float(a) for a in aux], torch.stack(counts), grads
+
+
+def test_sft_steps_aux_loss_and_router_metrics(parallel, checkpoints):
+    """One step's gradients equal transformers' (SFT loss + coeff x load-balancing loss per MoE
+    layer, no token-count factor), the logged aux loss and router statistics equal those of
+    HF's routing, and a few SFT steps lower the loss."""
+    from megatron_helpers import synthetic_samples
+
+    from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
+    from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+    from slime.backends.megatron_utils.moe_layers import moe_step_metrics
+    from slime.backends.megatron_utils.optimizer import OptimizerArgs
+
+    hf_dir = checkpoints["qwen3_moe"]
+    m = dataclasses.replace(
+        resolve("--hf-checkpoint", hf_dir), moe_aux_loss_coeff=0.05, moe_token_dispatcher_type="alltoall",
+        moe_router_dtype="fp32",
+    )
+    samples = synthetic_samples(4, m.vocab_size, seed=5)
+    batching = BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=4096, calculate_per_token_loss=True)
+    actor = MegatronActor(m, ModelBuildArgs(), batching, OptimizerArgs(lr=3e-3, weight_decay=0.0),
+                          TrainArgs(global_batch_size=4, total_steps=10))
+    actor.load_hf(str(hf_dir))
+    _, grads = actor.gradients(samples)  # one micro-batch: every sample packed in one row
+    metrics = moe_step_metrics(actor.model.module, num_micro_batches=1)
+    ref_loss, ref_aux, ref_counts, ref_grads = _hf_reference(hf_dir, samples, m)
+    ours = actor.gather_hf(grads)
+    for k, g in ours.items():
+        torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+    assert metrics["moe/load_balancing_loss"] == pytest.approx(sum(ref_aux) / len(ref_aux), rel=1e-5)
+    share = ref_counts / ref_counts.sum(dim=1, keepdim=True)
+    assert metrics["moe/expert_load_max"] == pytest.approx(float((share.max(dim=1).values * m.num_experts).mean()))
+    assert metrics["moe/experts_unused"] == pytest.approx(float((ref_counts == 0).double().mean()))
+    again = moe_step_metrics(actor.model.module, 1)  # reset after reading: nothing routed since
+    assert again.get("moe/load_balancing_loss", 0.0) == 0.0 and "moe/expert_load_max" not in again
+
+    losses = []
+    for _ in range(5):
+        step = actor.train_step(samples)
+        step.update(moe_step_metrics(actor.model.module, step["micro_batches"]))
+        assert step["moe/load_balancing_loss"] > 0 and step["moe/expert_load_max"] >= 1.0
+        losses.append(step["loss"])
+    assert losses[0] == pytest.approx(ref_loss - 0.05 * sum(ref_aux), rel=1e-5)  # the logged loss is the SFT loss
+    assert losses[-1] < losses[0] - 0.1, losses
