@@ -59,7 +59,9 @@ def test_grpo_through_ray_with_weight_sync_eval_and_resume(tmp_path):
     assert [r["rollout_id"] for r in rollouts] == [0, 1]  # rollout 0 before the crash, 1 after resume
     assert [r["rollout/num_samples"] for r in rollouts] == [8, 8]  # 4 prompts x 2 samples
     assert len(steps) == 2 and all("kl_loss" in r and "entropy" in r and "ppo_ratio" in r for r in steps)
-    # Weights go to the engine after every rollout, the whole model each time.
-    assert len(syncs) == 2 and syncs[0]["weight_sync/bytes"] == syncs[1]["weight_sync/bytes"] > 0
+    # Weights go to the engine at every start (the resumed run's engine must not sample from
+    # --hf-checkpoint) and after every rollout, the whole model each time: 2 runs x (1 + 1).
+    assert len(syncs) == 4 and len({r["weight_sync/bytes"] for r in syncs}) == 1 and syncs[0]["weight_sync/bytes"] > 0
+    assert [r["global_step"] for r in syncs] == [0, 1, 1, 2]
     assert len(evals) == 1 and evals[0]["eval/toy/num_samples"] == 12
     assert not ray_processes()

@@ -59,8 +59,11 @@ class Trainer:
             logger.info("resumed from %s at rollout %d", args.load, self.start_rollout)
         self.eval_names = ray.get(self.manager.eval_names.remote())
         self.metrics = MetricsLogger(args, args.save)
-        self.step = 0  # optimizer steps taken (updated from the train metrics)
+        self.step = int(state.get("step", 0)) if state else 0  # optimizer steps taken
         self.last_saved = None
+        # The engines loaded --hf-checkpoint; the trainer may hold other weights (--load on a
+        # resume, --ref-load): they generate with the trainer's from the first rollout on.
+        self.update_weights()
         self._bar = None
 
     # ------------------------------------------------------------------ the loop's verbs
