@@ -123,3 +123,93 @@ def test_attention_softmax_in_fp32_under_bf16():
     assert torch.equal(with_flag, reference(torch.float32))
     assert torch.equal(without, reference(torch.bfloat16))
     assert not torch.equal(with_flag, without)
+
+
+# THUDM/slime's scripts/run-qwen3-4B.sh (GRPO on dapo-math, deepscaler reward, eval on AIME, colocated
+# SGLang), its ROLLOUT/EVAL/PERF/GRPO/OPTIMIZER/SGLANG/MISC groups and placement, in its order.
+SLIME_GRPO_FLAGS = [
+    "--hf-checkpoint", "/root/Qwen3-4B", "--ref-load", "/root/Qwen3-4B_torch_dist", "--load", "/root/Qwen3-4B_slime/",
+    "--save", "/root/Qwen3-4B_slime/", "--save-interval", "20",
+    "--prompt-data", "/root/dapo-math-17k/dapo-math-17k.jsonl", "--input-key", "prompt", "--label-key", "label",
+    "--apply-chat-template", "--rollout-shuffle", "--rm-type", "deepscaler", "--num-rollout", "3000",
+    "--rollout-batch-size", "32", "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8192",
+    "--rollout-temperature", "0.8", "--global-batch-size", "256", "--balance-data",
+    "--eval-interval", "20", "--eval-prompt-data", "aime", "/root/aime-2024/aime-2024.jsonl",
+    "--n-samples-per-eval-prompt", "16", "--eval-max-response-len", "16384", "--eval-top-p", "0.7",
+    "--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "1",
+    "--context-parallel-size", "1", "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1",
+    "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+    "--use-dynamic-batch-size", "--max-tokens-per-gpu", "9216",
+    "--advantage-estimator", "grpo", "--use-kl-loss", "--kl-loss-coef", "0.00", "--kl-loss-type", "low_var_kl",
+    "--entropy-coef", "0.00", "--eps-clip", "0.2", "--eps-clip-high", "0.28",
+    "--optimizer", "adam", "--lr", "1e-6", "--lr-decay-style", "constant", "--weight-decay", "0.1",
+    "--adam-beta1", "0.9", "--adam-beta2", "0.98",
+    "--rollout-num-gpus-per-engine", "2", "--sglang-mem-fraction-static", "0.7",
+    "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--accumulate-allreduce-grads-in-fp32",
+    "--attention-softmax-in-fp32", "--attention-backend", "flash",
+    "--actor-num-nodes", "1", "--actor-num-gpus-per-node", "8", "--colocate",
+]
+
+
+def test_slime_grpo_script_flags_parse_and_pass_every_config_check():
+    from slime.backends.megatron_utils.arguments import actor_config_from_args
+    from slime.utils.arguments import parse_args, validate_trainer_args
+
+    args = parse_args(script_args("qwen3-4B") + SLIME_GRPO_FLAGS)
+    assert args.sglang_server_args == {"mem_fraction_static": "0.7"}
+    cfg = actor_config_from_args(args, total_steps=3000)
+    assert cfg.train.loss_type == "policy_loss" and cfg.train.global_batch_size == 256
+    assert cfg.algorithm.eps_clip_high == 0.28 and cfg.algorithm.kl_loss_type == "low_var_kl"
+    # Every flag combination check passes; what stops it here is the data this machine lacks.
+    with pytest.raises(FileNotFoundError, match="--prompt-data"):
+        validate_trainer_args(args)
+
+
+def test_sglang_flags_pass_through_without_sglang():
+    from slime.ray.sglang_flags import split_sglang_flags
+
+    flags, rest = split_sglang_flags(
+        ["--sglang-mem-fraction-static", "0.7", "--sglang-enable-dp-attention", "--sglang-cuda-graph-bs", "1", "2", "4",
+         "--sglang-log-level=warning", "--unknown", "x"]
+    )
+    assert flags == {"mem_fraction_static": "0.7", "enable_dp_attention": True, "cuda_graph_bs": ["1", "2", "4"], "log_level": "warning"}
+    assert rest == ["--unknown", "x"]
+
+
+def test_unknown_non_sglang_flag_is_still_an_error(capsys):
+    from slime.utils.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--hf-checkpoint", "x", "--prompt-data", "y", "--no-such-flag"])
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_sglang_flags_follow_sglangs_own_parser_when_installed(monkeypatch):
+    """With SGLang importable, --sglang-* flags come from ServerArgs.add_cli_args: typed, checked."""
+    import importlib.machinery
+    import sys
+    import types
+
+    server_args = types.ModuleType("sglang.srt.server_args")
+
+    class ServerArgs:
+        @staticmethod
+        def add_cli_args(parser):
+            parser.add_argument("--mem-fraction-static", type=float, default=None)
+            parser.add_argument("--enable-dp-attention", action="store_true")
+            parser.add_argument("--router-ip", default=None)  # clashes with ours: ours wins
+
+    server_args.ServerArgs = ServerArgs
+    for name in ("sglang", "sglang.srt"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "sglang.srt.server_args", server_args)
+    from slime.utils.arguments import parse_args
+
+    base = ["--hf-checkpoint", "x", "--prompt-data", "y"]
+    args = parse_args(base + ["--sglang-mem-fraction-static", "0.7", "--sglang-enable-dp-attention", "--sglang-router-ip", "10.0.0.1"])
+    assert args.sglang_server_args == {"mem_fraction_static": 0.7, "enable_dp_attention": True}
+    assert args.sglang_router_ip == "10.0.0.1"
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--sglang-mem-fraction-statik", "0.7"])  # a typo is caught by SGLang's names

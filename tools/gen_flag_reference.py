@@ -23,8 +23,17 @@ def render() -> str:
         "Every entry point (`train.py`, `train_async.py`, `tools/inspect_sft_data.py`,",
         "`python -m slime.backends.megatron_utils.run_steps`) takes these flags.",
         "",
+        "SGLang's own server flags are passed to the engines with a `--sglang-` prefix",
+        "(`--sglang-mem-fraction-static 0.7` is SGLang's `--mem-fraction-static 0.7`): checked by",
+        "SGLang's parser where SGLang is installed, accepted as given elsewhere (see",
+        "`slime/ray/sglang_flags.py`). They follow the installed SGLang, so they are not listed here.",
+        "",
     ]
+    from slime.ray.sglang_flags import SGLANG_GROUP_TITLE
+
     for group in parser._action_groups:
+        if group.title == SGLANG_GROUP_TITLE:
+            continue
         actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
         if not actions:
             continue

@@ -61,6 +61,8 @@ def start_rollout_engines(args) -> RolloutEngines:
         raise ValueError("--sglang-router-ip/--sglang-router-port name an existing router; the CPU engine runs without one")
     if args.rollout_num_gpus and args.rollout_num_gpus_per_engine and args.rollout_num_gpus // args.rollout_num_gpus_per_engine > 1:
         raise ValueError("the CPU engine runs one server per job for now; use --rollout-num-gpus equal to --rollout-num-gpus-per-engine")
+    if args.sglang_server_args:
+        logger.warning("the CPU engine does not use SGLang's server flags: %s", ", ".join(f"--sglang-{k.replace('_', '-')}" for k in args.sglang_server_args))
     from slime.engines.ray_engine import create_cpu_engine
 
     handle = create_cpu_engine(config, num_cpus=1)

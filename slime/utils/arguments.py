@@ -246,6 +246,9 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
     add_cpu_engine_arguments(parser)
     add_engine_placement_arguments(parser)
     add_weight_sync_arguments(parser)
+    from slime.ray.sglang_flags import add_sglang_server_arguments
+
+    add_sglang_server_arguments(parser)  # SGLang's own flags, --sglang- prefixed, where it is installed
     if add_custom_arguments is not None:
         add_custom_arguments(parser)
     return parser
@@ -253,8 +256,16 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
 
 def parse_args(argv: list[str] | None = None, add_custom_arguments: Callable | None = None) -> argparse.Namespace:
     """Parse and check the command line; errors exit with the flag named (argparse's style)."""
+    from slime.ray.sglang_flags import collect_derived, sglang_available, split_sglang_flags
+
     parser = get_parser(add_custom_arguments)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # Without SGLang installed, any --sglang-* flag is accepted as given (slime's scripts parse
+    # everywhere); with it, they were checked by SGLang's own parser above.
+    passthrough, rest = ({}, unknown) if sglang_available() else split_sglang_flags(unknown)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.sglang_server_args = {**collect_derived(args), **passthrough}
     if args.prompt_data is None:
         parser.error("--prompt-data is required")
     if args.hf_checkpoint is None:
