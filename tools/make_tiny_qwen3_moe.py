@@ -48,12 +48,16 @@ def tiny_moe_config(family: str, vocab_size: int, **overrides):
         cfg = dict(common, head_dim=16, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
         return Qwen3MoeConfig(**{**cfg, **overrides})
     if family == "qwen2_moe":
-        cfg = dict(common, shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0], num_hidden_layers=3)
+        cfg = dict(
+            common, shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0], num_hidden_layers=3
+        )
         return Qwen2MoeConfig(**{**cfg, **overrides})
     raise ValueError(f"--family must be one of {FAMILIES}, got {family!r}")
 
 
-def make_tiny_moe(out: Path, family: str = "qwen3_moe", seed: int = 0, tokenizer_dir: Path = TINY_TOKENIZER, **overrides) -> Path:
+def make_tiny_moe(
+    out: Path, family: str = "qwen3_moe", seed: int = 0, tokenizer_dir: Path = TINY_TOKENIZER, **overrides
+) -> Path:
     """Write the checkpoint (safetensors, config.json, tokenizer) to ``out``; returns ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -145,7 +145,6 @@ def mcore_to_hf(shards: list[Mapping[str, torch.Tensor]], m: ModelArgs) -> dict[
     """HF state dict from every TP rank's megatron state dict (rank order). A layer is MoE when
     its router is there (not from ``m.moe_layer_freq``: weight sync converts one layer at a time
     as a one-layer model)."""
-    tp = len(shards)
     first = shards[0]
 
     def cat(name: str, dim: int = 0) -> torch.Tensor:

@@ -85,7 +85,9 @@ def moe_layer_pattern(freq: int | tuple[int, ...], num_layers: int) -> tuple[int
         return tuple(1 if i % freq == 0 else 0 for i in range(num_layers))
     pattern = tuple(int(v) for v in freq)
     if len(pattern) != num_layers:
-        raise ModelConfigError(f"--moe-layer-freq lists {len(pattern)} layers but the model has --num-layers {num_layers}")
+        raise ModelConfigError(
+            f"--moe-layer-freq lists {len(pattern)} layers but the model has --num-layers {num_layers}"
+        )
     return pattern
 
 
@@ -93,7 +95,9 @@ def add_moe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Megatron-LM's MoE flags. Architecture ones left unset (None) come from config.json."""
     g = parser.add_argument_group("MoE (Megatron-LM names; architecture from --hf-checkpoint's config.json)")
     g.add_argument("--num-experts", type=int, default=None, help="routed experts per MoE layer (unset: dense)")
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="each expert's FFN size (default --ffn-hidden-size)")
+    g.add_argument(
+        "--moe-ffn-hidden-size", type=int, default=None, help="each expert's FFN size (default --ffn-hidden-size)"
+    )
     g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (default 2)")
     g.add_argument("--moe-router-score-function", choices=SCORE_FUNCTIONS, default=None)
     g.add_argument(
@@ -105,7 +109,10 @@ def add_moe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
     g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None, help="shared expert FFN size")
     g.add_argument(
-        "--moe-shared-expert-gate", action="store_true", default=None, help="sigmoid gate on the shared expert (Qwen2-MoE)"
+        "--moe-shared-expert-gate",
+        action="store_true",
+        default=None,
+        help="sigmoid gate on the shared expert (Qwen2-MoE)",
     )
     g.add_argument(
         "--moe-layer-freq",
@@ -121,13 +128,17 @@ def add_moe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument(
         "--moe-grouped-gemm",
         action="store_true",
-        help="accepted; the local (non-Transformer-Engine) layer spec runs the experts one after another (SequentialMLP)",
+        help="accepted; the local (non-Transformer-Engine) layer spec runs the experts one by one (SequentialMLP)",
     )
-    g.add_argument("--moe-permute-fusion", action="store_true", help="accepted; needs Transformer Engine, off without it")
+    g.add_argument(
+        "--moe-permute-fusion", action="store_true", help="accepted; needs Transformer Engine, off without it"
+    )
     g.add_argument("--moe-token-drop-policy", choices=("probs", "position"), default="probs")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="unset: no token dropping")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
-    g.add_argument("--moe-router-enable-expert-bias", action="store_true", help="aux-loss-free balancing bias (sigmoid router)")
+    g.add_argument(
+        "--moe-router-enable-expert-bias", action="store_true", help="aux-loss-free balancing bias (sigmoid router)"
+    )
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
     return parser
 
@@ -141,7 +152,9 @@ def hf_moe_args(cfg: dict, path: str) -> dict:
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
     dense_only = set(cfg.get("mlp_only_layers") or [])
     num_experts = cfg["num_experts"]
-    pattern = tuple(1 if (i not in dense_only and num_experts > 0 and (i + 1) % step == 0) else 0 for i in range(layers))
+    pattern = tuple(
+        1 if (i not in dense_only and num_experts > 0 and (i + 1) % step == 0) else 0 for i in range(layers)
+    )
     if not any(pattern):
         raise ModelConfigError(f"{path}: model_type {model_type} without any MoE layer (num_experts/mlp_only_layers)")
     shared = int(cfg.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0

@@ -77,7 +77,7 @@ def define_missing_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
-def moe_config_kwargs(m: "ModelArgs") -> dict:
+def moe_config_kwargs(m: ModelArgs) -> dict:
     """TransformerConfig keyword arguments of the MoE settings ({} for a dense model)."""
     if not m.is_moe:
         return {}
@@ -119,7 +119,9 @@ class SlimeTopKRouter(TopKRouter):
     def __init__(self, config, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
         # Summed over the training forwards of a step; non-persistent: statistics, not weights.
-        self.register_buffer("routed_tokens", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "routed_tokens", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False
+        )
 
     def routing(self, logits, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -128,13 +130,23 @@ class SlimeTopKRouter(TopKRouter):
         return probs, routing_map
 
     def attach_and_log_load_balancing_loss(
-        self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group, reduce_group_has_dp=False,
+        self,
+        activation,
+        aux_loss_coeff,
+        aux_loss,
+        aux_loss_name,
+        reduce_group,
+        reduce_group_has_dp=False,
         valid_token_count=None,
     ):
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         save_to_aux_losses_tracker(
-            aux_loss_name, aux_loss / aux_loss_coeff, self.layer_number, num_layers,
-            reduce_group=reduce_group, reduce_group_has_dp=reduce_group_has_dp,
+            aux_loss_name,
+            aux_loss / aux_loss_coeff,
+            self.layer_number,
+            num_layers,
+            reduce_group=reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp,
         )
         return MoEAuxLossAutoScaler.apply(activation, aux_loss * SlimeTopKRouter.aux_loss_weight)
 
@@ -146,13 +158,15 @@ def set_aux_loss_weight(weight: float) -> None:
     SlimeTopKRouter.aux_loss_weight = float(weight)
 
 
-def moe_block_spec(config, m: "ModelArgs", core_attention_spec):
+def moe_block_spec(config, m: ModelArgs, core_attention_spec):
     """megatron's local decoder block spec for ``config`` (dense/MoE per layer, this pipeline
     stage's layers), with ``core_attention_spec`` and `SlimeTopKRouter` in every layer."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     define_missing_te_gemm()
-    block = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization))
+    block = copy.deepcopy(
+        get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization)
+    )
     for spec in block.layer_specs:
         spec.submodules.self_attention.submodules.core_attention = core_attention_spec
         mlp = spec.submodules.mlp
