@@ -65,3 +65,22 @@ def test_grpo_through_ray_with_weight_sync_eval_and_resume(tmp_path):
     assert [r["global_step"] for r in syncs] == [0, 1, 1, 2]
     assert len(evals) == 1 and evals[0]["eval/toy/num_samples"] == 12
     assert not ray_processes()
+
+
+def test_debug_rollout_only_generates_and_scores_without_training(tmp_path):
+    import sys
+
+    data = prompts(tmp_path / "prompts.jsonl", n=4)
+    save = tmp_path / "ckpt"
+    cmd = [
+        sys.executable, "train.py", "--hf-checkpoint", str(TINY), "--prompt-data", str(data), "--input-key", "messages",
+        "--label-key", "label", "--apply-chat-template", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+        "--num-rollout", "2", "--rollout-max-response-len", "4", "--rm-type", "deepscaler", "--rollout-engine", "cpu",
+        "--debug-rollout-only", "--save", str(save),
+    ]
+    proc = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = records(save)
+    assert [r["rollout_id"] for r in rows if "rollout/reward_mean" in r] == [0, 1]
+    assert not [r for r in rows if "pg_loss" in r or "weight_sync/bytes" in r]
+    assert not list(save.glob("iter_*"))  # nothing trained, nothing saved

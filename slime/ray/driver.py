@@ -37,7 +37,6 @@ class Trainer:
         self.args, self.sft = args, is_sft(args)
         world = args.actor_num_nodes * args.actor_num_gpus_per_node
         dp = world // args.tensor_model_parallel_size
-        self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
         self.engines = start_rollout_engines(args) if starts_engines(args) else RolloutEngines()
         self.manager = RolloutManager.remote(args, dp, self.engines.url)
         for line in ray.get(self.manager.report.remote()):
@@ -48,10 +47,15 @@ class Trainer:
             raise ValueError(f"{n} samples make no rollout of --rollout-batch-size {args.rollout_batch_size}")
         per_rollout = args.rollout_batch_size * args.n_samples_per_prompt
         total_steps = self.num_rollout * (per_rollout // global_batch_size(args))
-        self.group = RayTrainGroup(args, self.pg, use_gpu, world)
-        first = self.group.init(args, total_steps)[0]
-        logger.info(first["attention"])
-        state = first["state"]
+        self.group, state = None, {}
+        if args.debug_rollout_only:  # generation and rewards only: no trainer, no checkpoints
+            logger.info("--debug-rollout-only: no train actors start; rollouts are generated, scored and logged")
+        else:
+            self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
+            self.group = RayTrainGroup(args, self.pg, use_gpu, world)
+            first = self.group.init(args, total_steps)[0]
+            logger.info(first["attention"])
+            state = first["state"]
         self.start_rollout = 0
         if state:
             self.start_rollout = state["rollout_id"] + 1
@@ -88,6 +92,8 @@ class Trainer:
         """Train on one rollout (``data`` from `generate`); logs its rollout metrics and each step's."""
         if data["metrics"]:
             self.metrics.log(dict(data["metrics"], rollout_id=rollout_id), step=self.step)
+        if self.group is None:  # --debug-rollout-only
+            return
         for m in self.group.train(rollout_id, data["refs"]):
             self.metrics.log(m, step=m["step"])
             if self._bar is not None:
@@ -100,7 +106,7 @@ class Trainer:
         ``after``: a rollout still being generated (train_async.py's prefetch); the engines
         finish it with the old weights first, so it is one step stale, as in slime.
         """
-        if not self.engines.handles:
+        if not self.engines.handles or self.group is None:
             return
         import ray
 
@@ -119,7 +125,7 @@ class Trainer:
         evals = self.eval_names if self.sft else (args.eval_prompt_data or [])
         if evals and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
             self.evaluate(rollout_id)
-        if args.save and ((args.save_interval and (rollout_id + 1) % args.save_interval == 0) or last):
+        if self.group is not None and args.save and ((args.save_interval and (rollout_id + 1) % args.save_interval == 0) or last):
             data_state = ray.get(self.manager.state_before.remote(rollout_id + 1))
             path = self.group.save(args.save, rollout_id, {"rollout_id": rollout_id, "data_state": data_state})
             self.last_saved = rollout_id
@@ -141,7 +147,7 @@ class Trainer:
         logger.info("rollout %d: %s", rollout_id, results)
 
     def finish(self) -> None:
-        if self.args.save_hf:
+        if self.args.save_hf and self.group is not None:
             self.group.export_hf(self.args.save_hf, self.args.hf_checkpoint)
             logger.info("exported the final model to %s", self.args.save_hf)
 
@@ -149,8 +155,9 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
         self.metrics.close()
-        with contextlib.suppress(Exception):
-            self.group.shutdown()
+        if self.group is not None:
+            with contextlib.suppress(Exception):
+                self.group.shutdown()
         self.engines.shutdown()
 
 

@@ -155,6 +155,7 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--use-tensorboard", action="store_true")
     g.add_argument("--tensorboard-dir", default=None, help="default: SAVE/tensorboard")
     g.add_argument("--debug-train-only", action="store_true", help="start no inference engine (SFT never starts one)")
+    g.add_argument("--debug-rollout-only", action="store_true", help="RL: generate and score rollouts, train nothing")
     g.add_argument("--disable-compute-advantages-and-returns", action="store_true", help="skip RL pre-computation (SFT never runs it)")
     g.add_argument("--n-samples-per-prompt", type=_positive_int, default=1, help="RL: samples per prompt (a group); 1 for SFT")
     g.add_argument("--colocate", action="store_true", help="RL: engines share the trainer's GPUs; rejected for SFT")
@@ -193,6 +194,8 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
         raise ValueError("give --num-epoch or --num-rollout")
     log = logging.getLogger(__name__)
     loss_type = resolve_loss_type(args)
+    if args.debug_rollout_only and (is_sft(args) or args.debug_train_only):
+        raise ValueError("--debug-rollout-only generates with an inference engine: not with sft_rollout or --debug-train-only")
     if is_sft(args):
         if args.n_samples_per_prompt != 1:
             raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
