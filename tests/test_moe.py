@@ -422,3 +422,33 @@ def test_sft_steps_aux_loss_and_router_metrics(parallel, checkpoints):
         losses.append(step["loss"])
     assert losses[0] == pytest.approx(ref_loss - 0.05 * sum(ref_aux), rel=1e-5)  # the logged loss is the SFT loss
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_full_recompute_gives_the_same_gradients(parallel, checkpoints):
+    """slime's MoE scripts train with --recompute-granularity full: the recomputed MoE layers
+    (routing, dispatch, aux loss) give bit-identical gradients over several micro-batches."""
+    from megatron.core import parallel_state as ps
+    from megatron_helpers import synthetic_samples
+
+    from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
+    from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+    from slime.backends.megatron_utils.optimizer import OptimizerArgs
+
+    hf_dir = checkpoints["qwen2_moe"]
+    m = dataclasses.replace(resolve("--hf-checkpoint", hf_dir), moe_aux_loss_coeff=0.05)
+    samples = synthetic_samples(4, m.vocab_size, seed=7)
+    batching = BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=200, calculate_per_token_loss=True)
+    results = []
+    for build in (
+        ModelBuildArgs(),
+        ModelBuildArgs(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    ):
+        actor = MegatronActor(m, build, batching, OptimizerArgs(lr=1e-3), TrainArgs(global_batch_size=4, total_steps=1))
+        actor.load_hf(str(hf_dir))
+        results.append(actor.gradients(samples))
+    assert results[0][0] == results[1][0]
+    for name, g in results[0][1].items():
+        assert torch.equal(g, results[1][1][name]), name
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)  # the module's world-1 state, as the fixture left it

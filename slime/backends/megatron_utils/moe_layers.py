@@ -140,6 +140,11 @@ class SlimeTopKRouter(TopKRouter):
         valid_token_count=None,
     ):
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        # megatron's tracker is process-global and sized by the first model that logs: a later
+        # model of another depth in the same process (tests, converters) starts its own.
+        entry = get_moe_layer_wise_logging_tracker().get(aux_loss_name)
+        if entry is not None and entry["values"].numel() != num_layers:
+            del get_moe_layer_wise_logging_tracker()[aux_loss_name]
         save_to_aux_losses_tracker(
             aux_loss_name,
             aux_loss / aux_loss_coeff,
