@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from slime.backends.megatron_utils.batching import BatchingArgs, MicroBatch, make_micro_batches
-from slime.backends.megatron_utils.loss import LossContext, resolve_loss
+from slime.backends.megatron_utils.lean_ce import CrossEntropyConfig
+from slime.backends.megatron_utils.loss import LOSSES, LossContext, resolve_loss
 from slime.backends.megatron_utils.model_config import ModelArgs
 from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
 from slime.backends.megatron_utils.optimizer import OptimizerArgs, build_optimizer
+from slime.backends.megatron_utils.output_head import OutputHead
 from slime.backends.megatron_utils.parallel import init_parallel
+from slime.backends.megatron_utils.throughput import ThroughputConfig, train_flops
 
 if TYPE_CHECKING:
     from slime.algorithms.config import AlgorithmConfig
@@ -65,13 +68,19 @@ class MegatronActor:
         optim: OptimizerArgs,
         train: TrainArgs,
         algorithm: "AlgorithmConfig | None" = None,
+        cross_entropy: CrossEntropyConfig | None = None,
+        throughput: ThroughputConfig | None = None,
     ):
-        """``algorithm``: the RL flags read by policy_loss (slime's defaults when None)."""
+        """``algorithm``: the RL flags read by policy_loss (slime's defaults when None);
+        ``cross_entropy``: the memory-lean output layer (`lean_ce`, on by default);
+        ``throughput``: the peak FLOP/s for MFU (`throughput`)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         self.model_args, self.build_args, self.batching, self.train_args = model, build, batching, train
         self.optim_args = optim
         self.loss_fn = resolve_loss(train.loss_type, train.custom_loss_function_path)
+        self.cross_entropy = cross_entropy or CrossEntropyConfig()
+        self.throughput = throughput or ThroughputConfig()
         self.info = init_parallel(build.tensor_model_parallel_size, seed=train.seed)
         if train.global_batch_size % self.info.dp_size:
             raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")
@@ -80,7 +89,8 @@ class MegatronActor:
             raise ValueError("--bf16 needs CUDA; CPU runs train in fp32")
         if build.attention_backend in ("flex", "varlen") and not cuda:
             raise ValueError(f"--attention-backend {build.attention_backend} trains on CUDA only; use sdpa on CPU")
-        module = build_gpt_model(model, build)
+        # Lean loss: the model stops before the output layer; the loss applies it chunk by chunk.
+        module = build_gpt_model(model, build, output_head=self.cross_entropy.lean)
         config = module.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=build.grad_reduce_in_fp32,
@@ -96,9 +106,14 @@ class MegatronActor:
             from slime.algorithms.config import AlgorithmConfig
 
             algorithm = AlgorithmConfig()
+        self.padded_vocab_size = padded
         self.loss_ctx = LossContext(
-            vocab_size=model.vocab_size, vocab_start=self.info.tp_rank * padded // self.info.tp_size, algorithm=algorithm
+            vocab_size=model.vocab_size,
+            vocab_start=self.info.tp_rank * padded // self.info.tp_size,
+            algorithm=algorithm,
+            chunk_tokens=self.cross_entropy.chunk_tokens,
         )
+        self.peak_flops = self.throughput.peak_flops(build.bf16)
         self.step = 0
         self.ref = None  # ReferenceWeights, set by the initial-weight loaders when a KL term needs it
 
@@ -173,8 +188,9 @@ class MegatronActor:
         return self._logits(model, mb), partial(self._loss, mb)
 
     @staticmethod
-    def _logits(model, mb: MicroBatch) -> torch.Tensor:
-        """This TP rank's vocabulary slice of the logits of one micro-batch."""
+    def _logits(model, mb: MicroBatch) -> "torch.Tensor | OutputHead":
+        """This TP rank's vocabulary slice of the logits of one micro-batch, or with the lean
+        loss the `OutputHead` they would be computed from."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
         psp = None
@@ -188,8 +204,10 @@ class MegatronActor:
             )
         return model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp)
 
-    def _loss(self, mb: MicroBatch, logits):
-        loss, metrics = self.loss_fn(logits, mb, self.loss_ctx)
+    def _loss(self, mb: MicroBatch, output):
+        if isinstance(output, OutputHead) and self.loss_fn not in LOSSES.values():
+            output = output.logits()  # custom losses keep their (logits, batch, ctx) contract
+        loss, metrics = self.loss_fn(output, mb, self.loss_ctx)
         n = torch.tensor(mb.supervised_tokens, dtype=torch.int, device=loss.device)
         return loss, n, metrics
 
@@ -249,10 +267,12 @@ class MegatronActor:
         # micro-batches and DP ranks gives the global means.
         keys = sorted({k for d in losses for k in d})
         per_key = [float(sum(d.get(k, 0.0) for d in losses)) for k in keys]
-        sums = self._dp_sum(per_key + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs)])
-        loss_metrics, (real, capacity) = dict(zip(keys, sums[: len(keys)])), sums[len(keys) :]
+        flops = train_flops(self.model_args, [len(s["tokens"]) for s in samples], self.padded_vocab_size)
+        sums = self._dp_sum(per_key + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs), flops])
+        loss_metrics, (real, capacity, flops) = dict(zip(keys, sums[: len(keys)])), sums[len(keys) :]
         elapsed = time.perf_counter() - start
         return {
+            **self._throughput(real, flops, elapsed),
             **loss_metrics,
             "step": self.step,
             "lr": lr,
@@ -265,6 +285,19 @@ class MegatronActor:
             "micro_batches": len(mbs),
             "update_successful": bool(update_ok),
         }
+
+    def _throughput(self, tokens: float, flops: float, elapsed: float) -> dict[str, float]:
+        """Per-device rates of one step over all ranks (DP x TP); MFU only with a known peak."""
+        import torch.distributed as dist
+
+        gpus = dist.get_world_size()
+        out = {
+            "tokens_per_s_per_gpu": tokens / elapsed / gpus,
+            "model_tflops_per_s_per_gpu": flops / elapsed / gpus / 1e12,
+        }
+        if self.peak_flops:
+            out["mfu_percent"] = 100.0 * flops / elapsed / gpus / self.peak_flops
+        return out
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, root: str, iteration: int, extra: dict) -> str:
@@ -356,18 +389,22 @@ class MegatronActor:
         ``response_length`` values per sample, in order (the old policy's or, with the
         reference weights loaded, the reference's log-probs).
         """
-        from slime.backends.megatron_utils.log_probs import token_entropy, token_log_probs
+        from slime.backends.megatron_utils.log_probs import token_stats
 
         mbs, _ = self._micro_batches(samples, self.batching)
         self.model.eval()
         out: dict[str, list[torch.Tensor]] = {"log_probs": [], **({"entropy": []} if with_entropy else {})}
         ctx = self.loss_ctx
         for mb in mbs:
-            logits = self._logits(self.model, mb)
-            per_position = {}
-            if with_entropy:  # before the CE kernel, which overwrites the logits
-                per_position["entropy"] = token_entropy(logits, ctx.vocab_size, ctx.vocab_start)
-            per_position["log_probs"] = token_log_probs(logits, mb.labels, ctx.vocab_size, ctx.vocab_start)
+            logp, entropy = token_stats(
+                self._logits(self.model, mb),
+                mb.labels,
+                ctx.vocab_size,
+                ctx.vocab_start,
+                chunk_tokens=ctx.chunk_tokens,
+                with_entropy=with_entropy,
+            )
+            per_position = {"log_probs": logp, **({"entropy": entropy} if with_entropy else {})}
             for i in range(mb.num_samples):
                 row, cols = mb.response_positions(i)
                 for key, values in per_position.items():
@@ -411,5 +448,7 @@ class MegatronActor:
         self.model.eval()
         ids = torch.tensor(tokens, device=self.info.device)[None]
         out = self.model(ids, torch.arange(len(tokens), device=self.info.device)[None], attention_mask=None)
+        if isinstance(out, OutputHead):
+            out = out.logits()
         out = gather_from_tensor_model_parallel_region(out)
         return out[0, :, : self.model_args.vocab_size].float().cpu()

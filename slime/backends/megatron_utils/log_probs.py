@@ -7,13 +7,17 @@ megatron's ``reduce_from_tensor_model_parallel_region`` (sum forward, identity b
 loss is the same on every TP rank, so each rank's partial sum gets the gradient of the total.
 
 Logits beyond the tokenizer's vocabulary (padding added to divide by TP) are never predictions.
+
+The model's output is either those logits (plain path) or an `OutputHead` (the output layer's
+input, with the memory-lean cross-entropy on): `token_stats` takes both and gives the same
+numbers and gradients, so every built-in loss and `compute_log_probs` share one entry point.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["mask_padded_vocab", "token_entropy", "token_log_probs"]
+__all__ = ["mask_padded_vocab", "token_entropy", "token_log_probs", "token_stats"]
 
 
 def _padding(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor | None:
@@ -66,3 +70,55 @@ def token_entropy(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> to
     z = reduce_from_tensor_model_parallel_region(exp.sum(-1))
     p_dot_l = reduce_from_tensor_model_parallel_region((exp * centered).sum(-1)) / z
     return z.log() - p_dot_l
+
+
+def token_stats(
+    output,
+    labels: torch.Tensor,
+    vocab_size: int,
+    vocab_start: int,
+    *,
+    chunk_tokens: int,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(labels), entropy or None), each shaped like ``labels``, float32.
+
+    ``output``: this TP rank's logits slice, or an `OutputHead` (then computed chunk by chunk,
+    ``chunk_tokens`` at a time, see `lean_ce`). The log-probs always carry gradient; the
+    entropy only with ``entropy_grad`` (as a metric it keeps no graph).
+    """
+    from slime.backends.megatron_utils.output_head import OutputHead
+
+    if isinstance(output, OutputHead):
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils.lean_ce import chunked_log_probs
+
+        hidden = output.tp_hidden()
+        if hidden.shape[:2] != labels.shape:
+            raise ValueError(f"hidden states {tuple(hidden.shape[:2])} do not match labels {tuple(labels.shape)}")
+        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        logp, ent = chunked_log_probs(
+            hidden.reshape(-1, hidden.shape[-1]),
+            output.output_weight,
+            labels.reshape(-1),
+            vocab_size,
+            vocab_start,
+            chunk_tokens,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+            group=group,
+        )
+        return logp.view(labels.shape), (None if ent is None else ent.view(labels.shape))
+    # Plain path. Entropy first: megatron's CE kernel overwrites the logits in place (the
+    # entropy graph saves only tensors derived from them, and autograd's version check would
+    # catch it otherwise).
+    entropy = None
+    if with_entropy:
+        if entropy_grad:
+            entropy = token_entropy(output, vocab_size, vocab_start)
+        else:
+            with torch.no_grad():
+                entropy = token_entropy(output.detach(), vocab_size, vocab_start)
+    return token_log_probs(output, labels, vocab_size, vocab_start), entropy

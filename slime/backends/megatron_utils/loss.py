@@ -13,6 +13,11 @@ each key over micro-batches and DP ranks.
 
 All losses share this one packed path, so the equalities of DESIGN.md invariant 1 (packing,
 micro-batching, DP, TP) hold for each of them.
+
+The built-in losses also accept an `output_head.OutputHead` in place of ``logits`` (the
+memory-lean cross-entropy, ``--cross-entropy-chunk-tokens``): they read log-probs and entropy
+through `log_probs.token_stats`, which gives the same values and gradients either way. Custom
+losses always receive logits (the actor materialises them from the head).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from slime.backends.megatron_utils.batching import MicroBatch
-from slime.backends.megatron_utils.log_probs import token_entropy, token_log_probs
+from slime.backends.megatron_utils.log_probs import token_stats
 
 if TYPE_CHECKING:
     from slime.algorithms.config import AlgorithmConfig
@@ -38,16 +43,23 @@ class LossContext:
     vocab_size: the tokenizer's vocabulary; logits beyond it (TP padding) are never predictions.
     vocab_start: first vocabulary index of this TP rank's logits slice.
     algorithm: the RL algorithm flags (`policy_loss`); None for SFT.
+    chunk_tokens: tokens per chunk when the model output is an `OutputHead` (`lean_ce`); 0 when
+        the lean path is off (the model then returns logits).
     """
 
     vocab_size: int
     vocab_start: int
     algorithm: "AlgorithmConfig | None" = None
+    chunk_tokens: int = 0
+
+    def __post_init__(self):
+        if self.chunk_tokens < 0:
+            raise ValueError(f"LossContext.chunk_tokens must be >= 0, got {self.chunk_tokens}")
 
 
 def sft_loss(logits: torch.Tensor, batch: MicroBatch, ctx: LossContext):
     """Weighted next-token cross-entropy: sum(ce * weights) (weights from `batching`)."""
-    logp = token_log_probs(logits, batch.labels, ctx.vocab_size, ctx.vocab_start)
+    logp, _ = token_stats(logits, batch.labels, ctx.vocab_size, ctx.vocab_start, chunk_tokens=ctx.chunk_tokens)
     loss = -(logp * batch.weights.to(logp.dtype)).sum()
     return loss, {"loss": loss.detach()}
 
@@ -69,16 +81,16 @@ def policy_loss(logits: torch.Tensor, batch: MicroBatch, ctx: LossContext):
     for key in ("advantages", old_key):
         if key not in fields:
             raise ValueError(f"policy_loss: the samples carry no {key!r} (compute it before the train step)")
-    # Entropy first: megatron's CE kernel overwrites the logits in place (the entropy graph
-    # saves only tensors derived from them, and autograd's version check would catch it
-    # otherwise). The graph is kept only when the entropy term trains; as a metric it costs
-    # no backward memory.
-    if cfg.entropy_coef:
-        entropy = token_entropy(logits, ctx.vocab_size, ctx.vocab_start)
-    else:
-        with torch.no_grad():
-            entropy = token_entropy(logits.detach(), ctx.vocab_size, ctx.vocab_start)
-    logp = token_log_probs(logits, batch.labels, ctx.vocab_size, ctx.vocab_start)
+    # The entropy keeps a graph only when its term trains; as a metric it costs no backward.
+    logp, entropy = token_stats(
+        logits,
+        batch.labels,
+        ctx.vocab_size,
+        ctx.vocab_start,
+        chunk_tokens=ctx.chunk_tokens,
+        with_entropy=True,
+        entropy_grad=bool(cfg.entropy_coef),
+    )
     return policy_objective(
         cfg,
         log_probs=logp,

@@ -124,12 +124,15 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None):
     return spec
 
 
-def build_gpt_model(model: ModelArgs, build: ModelBuildArgs):
-    """A GPTModel on the current device (parallel state must be initialized)."""
+def build_gpt_model(model: ModelArgs, build: ModelBuildArgs, output_head: bool = False):
+    """A GPTModel on the current device (parallel state must be initialized). ``output_head``:
+    its forward returns an `output_head.OutputHead` instead of logits (memory-lean loss)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from slime.backends.megatron_utils.output_head import head_output_gpt_model_class
+
     config = transformer_config(model, build)
-    gpt = GPTModel(
+    gpt = (head_output_gpt_model_class() if output_head else GPTModel)(
         config=config,
         transformer_layer_spec=layer_spec(model, build.attention_backend, config),
         vocab_size=model.padded_vocab_size(build.tensor_model_parallel_size),
