@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from test_megatron_model import parallel  # noqa: F401  (the world-1 process group, a module fixture)
 from test_model_scripts import HF_CONFIGS, script_args
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -25,67 +26,19 @@ from make_tiny_qwen3_moe import FAMILIES, make_tiny_moe
 DIST_TIMEOUT_S = 240
 
 # THUDM/slime's scripts/models/qwen3-30B-A3B.sh MODEL_ARGS, as its bash loop expands them.
+# fmt: off
 SLIME_QWEN3_30B_A3B = [
-    "--disable-bias-linear",
-    "--qk-layernorm",
-    "--group-query-attention",
-    "--num-attention-heads",
-    "32",
-    "--num-query-groups",
-    "4",
-    "--kv-channels",
-    "128",
-    "--num-layers",
-    "48",
-    "--hidden-size",
-    "2048",
-    "--ffn-hidden-size",
-    "6144",
-    "--normalization",
-    "RMSNorm",
-    "--position-embedding-type",
-    "rope",
-    "--norm-epsilon",
-    "1e-6",
-    "--rotary-percent",
-    "1.0",
-    "--swiglu",
-    "--untie-embeddings-and-output-weights",
-    "--vocab-size",
-    "151936",
-    "--rotary-base",
-    "1000000",
-    "--moe-ffn-hidden-size",
-    "768",
-    "--moe-router-score-function",
-    "softmax",
-    "--moe-token-dispatcher-type",
-    "alltoall",
-    "--moe-router-topk",
-    "8",
-    "--moe-layer-freq",
-    "[" + ", ".join(["1"] * 48) + "]",
-    "--num-experts",
-    "128",
-    "--moe-grouped-gemm",
-    "--moe-token-drop-policy",
-    "probs",
-    "--moe-router-dtype",
-    "fp32",
-    "--moe-permute-fusion",
-    "--moe-aux-loss-coeff",
-    "0",
+    "--disable-bias-linear", "--qk-layernorm", "--group-query-attention", "--num-attention-heads", "32",
+    "--num-query-groups", "4", "--kv-channels", "128", "--num-layers", "48", "--hidden-size", "2048",
+    "--ffn-hidden-size", "6144", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+    "--norm-epsilon", "1e-6", "--rotary-percent", "1.0", "--swiglu", "--untie-embeddings-and-output-weights",
+    "--vocab-size", "151936", "--rotary-base", "1000000",
+    "--moe-ffn-hidden-size", "768", "--moe-router-score-function", "softmax", "--moe-token-dispatcher-type", "alltoall",
+    "--moe-router-topk", "8", "--moe-layer-freq", "[" + ", ".join(["1"] * 48) + "]", "--num-experts", "128",
+    "--moe-grouped-gemm", "--moe-token-drop-policy", "probs", "--moe-router-dtype", "fp32", "--moe-permute-fusion",
+    "--moe-aux-loss-coeff", "0",
 ]
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    from slime.backends.megatron_utils.cpu_compat import disable_cpu_mode
-    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
-
-    yield init_parallel(1, seed=1234)
-    destroy_parallel()
-    disable_cpu_mode()
+# fmt: on
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +175,8 @@ def test_slime_qwen3_30b_a3b_flags_parse_and_match_the_hf_config(tmp_path):
 
 # ------------------------------------------------------------------ HF parity and round trip
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers(parallel, checkpoints, family):
+@pytest.mark.usefixtures("parallel")
+def test_logits_match_transformers(checkpoints, family):
     from megatron.core.packed_seq_params import PackedSeqParams
     from transformers import AutoModelForCausalLM
 
@@ -249,7 +203,8 @@ def test_logits_match_transformers(parallel, checkpoints, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_hf_round_trip_bit_exact(parallel, checkpoints, family, tp):
+@pytest.mark.usefixtures("parallel")
+def test_hf_round_trip_bit_exact(checkpoints, family, tp):
     from slime.backends.megatron_utils.hf_weights import hf_to_mcore, mcore_to_hf
 
     m = resolve("--hf-checkpoint", checkpoints[family])
@@ -265,7 +220,7 @@ def test_hf_round_trip_bit_exact(parallel, checkpoints, family, tp):
 
 
 @pytest.fixture(scope="module")
-def dist_ckpt(parallel, checkpoints, tmp_path_factory):
+def dist_ckpt(parallel, checkpoints, tmp_path_factory):  # noqa: F811 (a fixture argument)
     """The tiny Qwen2-MoE saved as a torch_dist checkpoint at TP=1 (what the converter writes)."""
     from slime.backends.megatron_utils.checkpoint import save_model_weights
     from slime.backends.megatron_utils.hf_weights import hf_to_mcore
@@ -372,7 +327,8 @@ def _hf_reference(hf_dir, samples, m):
     return float(loss), [float(a) for a in aux], torch.stack(counts), grads
 
 
-def test_sft_steps_aux_loss_and_router_metrics(parallel, checkpoints):
+@pytest.mark.usefixtures("parallel")
+def test_sft_steps_aux_loss_and_router_metrics(checkpoints):
     """One step's gradients equal transformers' (SFT loss + coeff x load-balancing loss per MoE
     layer, no token-count factor), the logged aux loss and router statistics equal those of
     HF's routing, and a few SFT steps lower the loss."""
@@ -424,7 +380,8 @@ def test_sft_steps_aux_loss_and_router_metrics(parallel, checkpoints):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_full_recompute_gives_the_same_gradients(parallel, checkpoints):
+@pytest.mark.usefixtures("parallel")
+def test_full_recompute_gives_the_same_gradients(checkpoints):
     """slime's MoE scripts train with --recompute-granularity full: the recomputed MoE layers
     (routing, dispatch, aux loss) give bit-identical gradients over several micro-batches."""
     from megatron.core import parallel_state as ps
