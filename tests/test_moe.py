@@ -149,7 +149,10 @@ def test_slime_qwen3_30b_a3b_flags_parse_and_match_the_hf_config(tmp_path):
     from slime.utils.arguments import get_parser
 
     (tmp_path / "config.json").write_text(json.dumps(HF_CONFIGS["qwen3-30B-A3B"]))
-    theirs = resolve("--hf-checkpoint", tmp_path, *SLIME_QWEN3_30B_A3B)
+    from slime.backends.megatron_utils.model_config import resolve_model_args
+
+    # Through the trainer's whole parser: no other group takes or refuses a MoE flag.
+    theirs = resolve_model_args(get_parser().parse_args(["--hf-checkpoint", str(tmp_path), *SLIME_QWEN3_30B_A3B]))
     ours = resolve("--hf-checkpoint", tmp_path, *script_args("qwen3-30B-A3B"))
     assert theirs == ours
     assert (ours.num_experts, ours.moe_router_topk, ours.moe_token_dispatcher_type, ours.moe_router_dtype) == (
