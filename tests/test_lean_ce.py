@@ -55,6 +55,7 @@ def actors():
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
     from slime.backends.megatron_utils.parallel import destroy_parallel
+    from slime.backends.megatron_utils.throughput import ThroughputConfig
 
     algo = AlgorithmConfig(entropy_coef=0.3, kl_coef=0.0)
     built = {}
@@ -67,6 +68,7 @@ def actors():
             TrainArgs(global_batch_size=6, total_steps=2, loss_type="policy_loss"),
             algorithm=algo,
             cross_entropy=CrossEntropyConfig(chunk_tokens=chunk),
+            throughput=ThroughputConfig(peak_tflops=0.5),
         )
         a.load_hf(str(TINY))
         built[name] = a
@@ -124,6 +126,22 @@ def test_actor_sft_loss_and_custom_loss_match_plain(actors):
         assert loss_l == pytest.approx(loss_p, rel=1e-5)
         for name in grads_p:
             _close(grads_l[name], grads_p[name], atol=1e-6)
+
+
+def test_step_reports_throughput_per_gpu(actors):
+    """Runs last on these actors: it changes the lean actor's weights."""
+    from slime.backends.megatron_utils.throughput import train_flops
+
+    lean = actors["lean"]
+    samples = _samples()
+    rl = [{**s, "advantages": torch.ones(s["response_length"]), "log_probs": torch.zeros(s["response_length"])} for s in samples]
+    m = lean.train_step(rl)
+    t = m["step_time_s"]
+    assert m["tokens_per_s_per_gpu"] == pytest.approx(sum(len(s["tokens"]) for s in samples) / t)
+    flops = train_flops(lean.model_args, [len(s["tokens"]) for s in samples], lean.padded_vocab_size)
+    assert m["model_tflops_per_s_per_gpu"] == pytest.approx(flops / t / 1e12)
+    assert m["mfu_percent"] == pytest.approx(100 * flops / t / 0.5e12)
+    assert 0 < m["packing_efficiency"] <= 1
 
 
 def _port() -> int:
