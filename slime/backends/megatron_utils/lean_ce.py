@@ -93,6 +93,26 @@ def _label_columns(labels: torch.Tensor, vocab_start: int, local: int) -> tuple[
     return col.clamp(0, local - 1), mine
 
 
+# Vocabulary rows per GEMM when accumulating a bf16/fp16 weight gradient: bounds the
+# low-precision partial product that is added into the fp32 accumulator.
+_WGRAD_ROWS = 16384
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_fp32: torch.Tensor, grad_low: torch.Tensor, hidden: torch.Tensor):
+    """acc (fp32, [V, H]) += grad^T @ hidden for one chunk of tokens.
+
+    fp32 models: one in-place GEMM. Half-precision models: the GEMM runs in the model's dtype
+    (tensor cores, fp32 accumulation inside, as the plain path's single weight-gradient GEMM),
+    over slices of the vocabulary so the half-precision partial stays small, then is added in fp32.
+    """
+    if hidden.dtype == torch.float32:
+        acc.addmm_(grad_fp32.t(), hidden)
+        return
+    for a in range(0, acc.shape[0], _WGRAD_ROWS):
+        b = min(a + _WGRAD_ROWS, acc.shape[0])
+        acc[a:b].add_(torch.mm(grad_low[:, a:b].t(), hidden))
+
+
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_size, vocab_start, chunk, with_entropy, entropy_grad, group):
@@ -167,7 +187,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.matmul(low, weight, out=grad_hidden[s:e])
             if grad_weight is not None:
-                grad_weight.addmm_(buf.t(), h.float())
+                _accumulate_weight_grad(grad_weight, buf, low, h)
             del buf, low
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
