@@ -136,10 +136,10 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _config(a, cache_dir: str, workers: int):
+def _config(a, cache_dir: str, workers: int, data: str | None = None):
     from slime.data.config import SFTDataConfig
 
-    return SFTDataConfig(prompt_data=a.data, hf_checkpoint=a.tokenizer, num_workers=workers, cache_dir=cache_dir)
+    return SFTDataConfig(prompt_data=data or a.data, hf_checkpoint=a.tokenizer, num_workers=workers, cache_dir=cache_dir)
 
 
 def run_phase(a) -> dict:
@@ -172,18 +172,20 @@ def run_phase(a) -> dict:
         data = load_prepared(_config(a, a.cache, a.workers), progress=False)
         opened = time.perf_counter() - t0
         source = SFTDataSource(data, shuffle=True, seed=1)
+        source.state_dict()  # the RolloutManager records the position (and fingerprint) first
         first = source.get_samples(a.batch)
         res["first_batch_s"] = time.perf_counter() - t0
         res["open_s"] = opened
         res["rss_at_first_batch"] = _rss_mb()
         assert first and first[0].tokens
-        t_pass, tokens, n = time.perf_counter(), 0, len(first)
-        while n < len(source):
-            batch = source.get_samples(min(a.batch * 8, len(source) - n))
+        t_pass, tokens, n = time.perf_counter(), 0, 0
+        limit = min(len(source), a.pass_limit or len(source))
+        while n < limit:  # shuffled order: pages of the token file are touched all over
+            batch = source.get_samples(min(a.batch * 8, limit - n))
             tokens += sum(len(s.tokens) for s in batch)
             n += len(batch)
-        res.update(rows=data.report.rows, samples=len(data), tokens=data.report.tokens,
-                   pass_s=time.perf_counter() - t_pass, fingerprint=data.fingerprint())
+        res.update(rows=data.report.rows, samples=len(data), tokens=data.report.tokens, pass_samples=n,
+                   pass_tokens=tokens, pass_s=time.perf_counter() - t_pass, fingerprint=data.fingerprint())
     res["wall_s"] = time.perf_counter() - t0
     res["cpu_s"] = _cpu_s() - cpu0
     res["rss"] = _rss_mb()
@@ -194,16 +196,85 @@ def run_phase(a) -> dict:
     return res
 
 
-def _subprocess(a, phase: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--data", a.data, "--tokenizer", a.tokenizer,
-           "--cache", os.path.join(a.work, phase if phase != "warm" else "parallel"), "--workers", str(a.workers),
-           "--batch", str(a.batch)]
+def _subprocess(a, phase: str, data: str | None = None, cache_dir: str | None = None) -> dict:
+    cache_dir = cache_dir or os.path.join(a.work, phase if phase != "warm" else "parallel")
+    cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--data", data or a.data, "--tokenizer", a.tokenizer,
+           "--cache", cache_dir, "--workers", str(a.workers),
+           "--batch", str(a.batch), "--pass-limit", str(a.pass_limit or 0)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"phase {phase} failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tiled_entry(a, base_entry: str, tiles: int) -> tuple[str, str]:
+    """(data file, cache root) for the benchmark rows repeated ``tiles`` times, with its cache entry.
+
+    A file whose rows repeat tokenizes to repeated arrays, so the entry assembled here from
+    ``base_entry`` is the one a cold build of the bigger file would write (same arrays, report
+    counts, row index and content hash; `main` spot-checks samples against the tokenizer). It
+    lets the warm path be measured at a million rows without a cold build of ~20 CPU-minutes.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from slime.data import cache
+    from slime.data.readers import JsonlRows
+    from slime.data.store import StoreWriter, TokenStore
+
+    big = a.data.replace(".jsonl", f"_x{tiles}.jsonl")
+    with open(a.data, "rb") as src:
+        block = src.read()
+    with open(big, "wb") as f:
+        for _ in range(tiles):
+            f.write(block)
+    root = os.path.join(a.work, f"scaled_x{tiles}")
+    key, desc = cache.cache_key(_config(a, root, a.workers, data=big), big, root)
+    base = TokenStore.open(base_entry)
+    report = dict(base.meta["report"])
+    for name in ("rows", "rows_invalid", "samples", "samples_truncated", "samples_dropped", "tokens",
+                 "supervised_tokens", "boundary_straddles"):
+        report[name] *= tiles
+    report["error_fields"] = {k: v * tiles for k, v in report["error_fields"].items()}
+    tmp = cache.new_tmp_dir(root, key)
+    writer = StoreWriter(tmp)
+    offsets = base["offsets"]
+    ids = memoryview(np.ascontiguousarray(base["token_ids"])).cast("B")
+    mask = memoryview(np.ascontiguousarray(base["loss_mask"])).cast("B")
+    digest = hashlib.blake2b(digest_size=16)
+    for t in range(tiles):
+        writer.append(base["token_ids"], base["loss_mask"], base.lengths(), base["rows"] + t * base.meta["report"]["rows"],
+                      base["turns"], base["truncated"])
+        for k in range(len(base)):
+            lo, hi = int(offsets[k]), int(offsets[k + 1])
+            digest.update(ids[4 * lo : 4 * hi])
+            digest.update(mask[lo:hi])
+    for name, arr in JsonlRows(big).index_arrays().items():
+        writer.add_array(name, arr)
+    writer.close({"key": key, "describe": desc, "report": report, "content_hash": digest.hexdigest()})
+    cache.commit(tmp, root, key)
+    return big, root
+
+
+def _spot_check(a, data_path: str, root: str, n: int = 5) -> bool:
+    """A few samples of a (tiled) entry equal what the tokenizer makes of their rows now."""
+    import random as _random
+
+    from slime.data.loader import load_prepared
+
+    cfg = _config(a, root, 1, data=data_path)
+    data = load_prepared(cfg, progress=False)
+    encoder = cfg.encoder_spec().build()
+    rng = _random.Random(0)
+    for k in rng.sample(range(len(data)), n):
+        s = data.sample(k)
+        _, (enc,) = encoder.encode_row(data.source[s.metadata["row_index"]])
+        if enc.token_ids != s.tokens or enc.loss_mask != s.full_loss_mask():
+            return False
+    return True
 
 
 def _same_store(a_dir: str, b_dir: str) -> bool:
@@ -215,6 +286,57 @@ def _same_store(a_dir: str, b_dir: str) -> bool:
     return a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a[k], b[k]) for k in a.arrays)
 
 
+def _notes(a, phase: str, r: dict, results: dict) -> str:
+    if phase == "floor":
+        return f"per-row loop alone {r['rows'] / r['loop_s']:,.0f} rows/s"
+    if phase == "parallel" and "serial" in results:
+        # On a shared machine wall time depends on other jobs; the CPU split says what idle
+        # cores would give: at most the parent's work plus the busiest worker's.
+        serial = results["serial"]
+        bound = r["main_cpu_s"] + (r["worker_cpu_s"] or [0.0])[0]
+        return (f"{serial['wall_s'] / r['wall_s']:.2f}x serial wall (target >= {0.8 * a.workers:.1f}x). CPU: parent "
+                f"{r['main_cpu_s']:.1f} s, workers {', '.join(f'{c:.1f}' for c in r['worker_cpu_s'])} s: on idle "
+                f"cores <= {bound:.1f} s, {serial['cpu_s'] / bound:.2f}x the serial run's {serial['cpu_s']:.1f} CPU s")
+    if phase.startswith("warm"):
+        at = r["rss_at_first_batch"]
+        return (f"{r['samples']:,} samples: first batch of {a.batch} after {r['first_batch_s']:.2f} s (cache opened in "
+                f"{r['open_s']:.2f} s, peak RSS then {at['peak_mb']:.0f} MB); then {r['pass_samples']:,} samples in "
+                f"shuffled order in {r['pass_s']:.1f} s; RSS after: anon {r['rss'].get('RssAnon', 0):.0f} MB + "
+                f"file-backed {r['rss'].get('RssFile', 0):.0f} MB")
+    return ""
+
+
+def table(a, results: dict) -> list[str]:
+    lines = ["| phase | wall s | rows/s | tokens/s | CPU s | peak RSS MB (main / largest worker) | notes |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for phase, r in results.items():
+        rps, tps = r["rows"] / r["wall_s"], r["tokens"] / r["wall_s"]
+        if phase.startswith("warm"):  # the rate that matters: samples served once open
+            rps, tps = r["pass_samples"] / r["pass_s"], r["pass_tokens"] / r["pass_s"]
+        child = f" / {r['rss']['child_peak_mb']:.0f}" if phase == "parallel" else ""
+        lines.append(f"| {phase} | {r['wall_s']:.2f} | {rps:,.0f} | {tps:,.0f} | {r['cpu_s']:.1f} | "
+                     f"{r['rss']['peak_mb']:.0f}{child} | {_notes(a, phase, r, results)} |")
+    return lines
+
+
+def verdicts(a, results: dict) -> list[str]:
+    out = []
+    if "serial" in results and "parallel" in results:
+        same = results["serial"]["fingerprint"] == results["parallel"]["fingerprint"] and _same_store(
+            results["serial"]["entry"], results["parallel"]["entry"])
+        out.append("serial == parallel cache (every array, fingerprint): " + ("OK" if same else "FAIL"))
+    if "warm" in results and "parallel" in results:
+        ok = results["warm"]["fingerprint"] == results["parallel"]["fingerprint"]
+        out.append("warm fingerprint == cold: " + ("OK" if ok else "FAIL"))
+    for phase, r in results.items():
+        if phase.startswith("warm x"):
+            out.append(f"{phase}: tiled entry samples == tokenizer on their rows (spot check): "
+                       + ("OK" if r["spot_check"] else "FAIL"))
+            out.append(f"{phase}: first batch {r['first_batch_s']:.2f} s (target < 10 s), peak RSS "
+                       f"{r['rss_at_first_batch']['peak_mb']:.0f} MB at first batch (target < 1536 MB)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=20000)
@@ -222,6 +344,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None, help="parallel phase processes (default: usable cores)")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--batch", type=int, default=128, help="rollout batch size of the warm phase")
+    ap.add_argument("--pass-limit", type=int, default=0, help="warm phase: samples served after the first batch (0 = all)")
+    ap.add_argument("--scale-warm", type=int, default=0, metavar="N",
+                    help="also measure the warm start on the rows repeated N times (entry assembled, see tiled_entry)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each phase, interleaved; the fastest is reported")
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--markdown-out", default=None)
@@ -264,40 +389,17 @@ def main() -> int:
             if phase not in results or r["wall_s"] < results[phase]["wall_s"]:
                 results[phase] = r
 
-    lines = ["| phase | wall s | rows/s | tokens/s | CPU s | peak RSS MB (main / largest worker) | notes |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    single = None
-    for phase, r in results.items():
-        rps, tps = r["rows"] / r["wall_s"], r["tokens"] / r["wall_s"]
-        notes = ""
-        if phase == "floor":
-            notes = f"per-row loop alone {r['rows'] / r['loop_s']:,.0f} rows/s"
-        if phase == "serial":
-            single = rps
-        if phase == "parallel" and single:
-            # On a shared machine wall time depends on other jobs; the CPU split says what idle
-            # cores would give: the parent's work plus the busiest worker's.
-            busiest = (r["worker_cpu_s"] or [0.0])[0]
-            bound = r["main_cpu_s"] + busiest
-            notes = (f"{rps / single:.2f}x serial wall; target >= {0.8 * a.workers:.1f}x. CPU: parent "
-                     f"{r['main_cpu_s']:.1f} s, workers {', '.join(f'{c:.1f}' for c in r['worker_cpu_s'])} s -> "
-                     f"on idle cores about {bound:.1f} s = {results['serial']['cpu_s'] / bound:.2f}x the serial CPU")
-        if phase == "warm":
-            at = r["rss_at_first_batch"]
-            notes = (f"first batch of {a.batch} after {r['first_batch_s']:.2f} s (cache opened in {r['open_s']:.2f} s, "
-                     f"peak RSS then {at['peak_mb']:.0f} MB); full pass over {r['samples']:,} samples "
-                     f"{r['pass_s']:.1f} s = {r['tokens'] / r['pass_s']:,.0f} tokens/s; RSS after it: "
-                     f"anon {r['rss'].get('RssAnon', 0):.0f} MB + file-backed {r['rss'].get('RssFile', 0):.0f} MB")
-        child = f" / {r['rss']['child_peak_mb']:.0f}" if phase == "parallel" else ""
-        lines.append(f"| {phase} | {r['wall_s']:.2f} | {rps:,.0f} | {tps:,.0f} | {r['cpu_s']:.1f} | "
-                     f"{r['rss']['peak_mb']:.0f}{child} | {notes} |")
-    verdict = []
-    if "serial" in results and "parallel" in results:
-        same = results["serial"]["fingerprint"] == results["parallel"]["fingerprint"] and _same_store(
-            results["serial"]["entry"], results["parallel"]["entry"])
-        verdict.append("serial == parallel cache (every array, fingerprint): " + ("OK" if same else "FAIL"))
-    if "warm" in results and "parallel" in results:
-        verdict.append("warm fingerprint == cold: " + ("OK" if results["warm"]["fingerprint"] == results["parallel"]["fingerprint"] else "FAIL"))
+    if a.scale_warm > 1:
+        base = (results.get("parallel") or results.get("serial") or {}).get("entry")
+        if base is None:
+            raise SystemExit("--scale-warm needs the serial or parallel phase")
+        big, root = tiled_entry(a, base, a.scale_warm)
+        r = _subprocess(a, "warm", data=big, cache_dir=root)
+        r["spot_check"] = _spot_check(a, big, root)
+        results[f"warm x{a.scale_warm}"] = r
+        print(f"  warm x{a.scale_warm}: {r['wall_s']:.1f} s wall", flush=True)
+    lines = table(a, results)
+    verdict = verdicts(a, results)
     print("\n".join(lines + [""] + verdict))
     if a.markdown_out:
         with open(a.markdown_out, "w", encoding="utf-8") as f:

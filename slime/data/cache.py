@@ -36,11 +36,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_VERSION", "cache_key", "default_cache_dir", "entry_dir", "commit", "new_tmp_dir", "file_sha256"]
 
-#: Bump when the store layout changes (code changes are covered by hashing the sources).
+#: Bump when the store layout (slime.data.store) changes; code that decides samples is hashed instead.
 CACHE_VERSION = 1
 _SUBDIR = f"v{CACHE_VERSION}"
 #: Modules whose code decides the samples (their source is part of every key).
-_ENCODING_MODULES = ("chat_template.py", "schema.py", "dataset.py", "prepare.py", "readers.py", "store.py")
+_ENCODING_MODULES = ("chat_template.py", "schema.py", "dataset.py", "prepare.py", "readers.py")
 #: Files of a model directory that never affect the tokenizer (hashing weights would take minutes).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".distcp")
 _MAX_TOKENIZER_FILE = 256 << 20
