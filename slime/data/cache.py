@@ -55,7 +55,8 @@ def default_cache_dir() -> str:
     return os.path.join(base, "slime", "sft-data")
 
 
-def _stat_signature(st: os.stat_result) -> list[int]:
+def stat_signature(st: os.stat_result) -> list[int]:
+    """What changes whenever a file is written (ctime cannot be set back by the writer)."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
@@ -69,17 +70,17 @@ def file_sha256(path: str, cache_root: str | None = None) -> str:
         try:
             with open(record, encoding="utf-8") as f:
                 known = json.load(f)
-            if known.get("path") == path and known.get("stat") == _stat_signature(st):
+            if known.get("path") == path and known.get("stat") == stat_signature(st):
                 return known["sha256"]
         except (OSError, ValueError):
             pass
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if record and _stat_signature(os.stat(path)) == _stat_signature(st):  # unchanged while we read it
+    if record and stat_signature(os.stat(path)) == stat_signature(st):  # unchanged while we read it
         os.makedirs(os.path.dirname(record), exist_ok=True)
         tmp = f"{record}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"path": path, "stat": _stat_signature(st), "sha256": digest}, f)
+            json.dump({"path": path, "stat": stat_signature(st), "sha256": digest}, f)
         os.replace(tmp, record)
     return digest
 

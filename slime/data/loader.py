@@ -48,7 +48,7 @@ def open_entry(entry: str, cfg: SFTDataConfig) -> PreparedData:
 
 def _stat(path: str) -> list:
     paths = [path] if not os.path.isdir(path) else sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns)
-    return [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths]
+    return [(p, cache.stat_signature(os.stat(p))) for p in paths]
 
 
 def load_prepared(cfg: SFTDataConfig, progress: bool = True) -> PreparedData:
