@@ -97,6 +97,6 @@ fi
 
 source "${ROOT}/scripts/ray_local.sh"
 start_local_ray "$(nproc)" "${NUM_GPUS}"
-ray job submit --address "${SUBMIT_ADDRESS}" \
+submit_job \
    --runtime-env-json "{\"env_vars\": {\"PYTHONPATH\": \"${ROOT}\", \"CUDA_DEVICE_MAX_CONNECTIONS\": \"1\"}}" \
    -- "${TRAIN_CMD[@]}"
