@@ -92,17 +92,19 @@ def test_worker_count_plan(monkeypatch):
 
 def test_progress_lines_have_rate_eta_and_summary(caplog):
     now = [0.0]
-    log = ProgressLog("preparing d.jsonl", total=1000, interval_s=10, clock=lambda: now[0])
+    log = ProgressLog("preparing d.jsonl", total=2000, interval_s=10, clock=lambda: now[0])
     with caplog.at_level("INFO", logger="slime.data.progress"):
-        for _ in range(4):
-            now[0] += 6
-            log.update(100, 30_000)
+        for t, rows in ((30, 100), (35, 500), (40, 500), (45, 900)):  # a slow start (workers starting), then fast
+            now[0] = t
+            log.update(rows, rows * 300)
         log.done()
     lines = [r.getMessage() for r in caplog.records]
     periodic = [line for line in lines if "ETA" in line]
-    assert len(periodic) == 2  # every 10 s, not every update
-    assert "200/1,000 rows (20%), 17 rows/s, 5,000 tokens/s" in periodic[0] and "ETA 48s" in periodic[0]
-    assert "done, 400 rows in 24s (17 rows/s" in lines[-1]
+    assert len(periodic) == 2  # at most one line per 10 s, none once everything is read
+    assert "100/2,000 rows (5%), 3 rows/s, 1,000 tokens/s, elapsed 30s, ETA 9m30s" in periodic[0]
+    # The rate is over the last interval, so the start-up does not inflate the ETA.
+    assert "1,100/2,000 rows (55%), 100 rows/s, 30,000 tokens/s, elapsed 40s, ETA 9s" in periodic[1]
+    assert "done, 2,000 rows in 45s (44 rows/s, 13,333 tokens/s)" in lines[-1]
 
 
 DRIVER = """

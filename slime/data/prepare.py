@@ -195,15 +195,15 @@ def prepare(
     merger = _Merger(source, encoder, writer, skip_invalid, max_errors)
     ranges = chunk_ranges(len(source), chunk_rows)
     workers = parallel.plan_workers(num_workers, len(source), min_rows_per_worker)
-    chunks: Iterable[Chunk]
-    if workers > 1:
-        chunks = parallel.encode_in_processes(encoder, source, ranges, workers)
-    else:
-        if isinstance(encoder, EncoderSpec):
-            encoder = encoder.build()
-        chunks = (encode_rows(encoder, source, a, b) for a, b in ranges)
     log = ProgressLog(f"preparing {source.path}", total=len(source), workers=workers, enabled=progress)
+    chunks: Iterable[Chunk] = ()
     try:
+        if workers > 1:
+            chunks = parallel.encode_in_processes(encoder, source, ranges, workers)
+        else:
+            if isinstance(encoder, EncoderSpec):
+                encoder = encoder.build()
+            chunks = (encode_rows(encoder, source, a, b) for a, b in ranges)
         for chunk in chunks:
             merger.add(chunk)
             log.update(chunk.stop - chunk.start, int(chunk.lengths.sum()))

@@ -37,6 +37,7 @@ class ProgressLog:
         self.clock = clock
         self.start = self.last = clock()
         self.rows = self.tokens = 0
+        self._mark = (self.start, 0, 0)  # time, rows, tokens at the previous line
         if enabled:
             logger.info("%s: %d rows, %d worker process%s", desc, total, workers, "" if workers == 1 else "es")
 
@@ -49,13 +50,15 @@ class ProgressLog:
             logger.info("%s", self.line(now))
 
     def line(self, now: float) -> str:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.rows / elapsed
-        eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
+        """Rates over the last interval (worker start-up does not drag them down), ETA from them."""
+        t0, rows0, tokens0 = self._mark
+        self._mark = (now, self.rows, self.tokens)
+        span = max(now - t0, 1e-9)
+        rate = (self.rows - rows0) / span
+        eta = format_seconds((self.total - self.rows) / rate) if rate > 0 else "?"
         pct = 100.0 * self.rows / max(self.total, 1)
         return (f"{self.desc}: {self.rows:,}/{self.total:,} rows ({pct:.0f}%), {rate:,.0f} rows/s, "
-                f"{self.tokens / elapsed:,.0f} tokens/s, elapsed {format_seconds(elapsed)}, "
-                f"ETA {format_seconds(eta) if eta != float('inf') else '?'}")
+                f"{(self.tokens - tokens0) / span:,.0f} tokens/s, elapsed {format_seconds(now - self.start)}, ETA {eta}")
 
     def done(self, report=None) -> float:
         """Log the totals (and the report summary is logged by the caller); returns seconds taken."""
