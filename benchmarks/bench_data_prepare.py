@@ -33,7 +33,7 @@ SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO, "..", "shared", "assets",
 TINY_TOKENIZER = os.path.join(REPO, "slime", "assets", "tiny-qwen3")
 PHASES = ("floor", "serial", "parallel", "warm")
 
-WORDS = ("the a of to and in is that for it as with was on be by this are or from at an which can have one "
+WORDS = ("the a of to and in is that for it as with was on be by this are or from at an which can have one "  # noqa: SIM905
          "you not we all use when their there been if more will would these two first other each some time "
          "model data function value system number example process result following step answer question "
          "python code list return import print error network energy cell equation solution protein market "
@@ -71,8 +71,7 @@ def make_row(rng: random.Random) -> dict:
 def write_rows(path: str, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            f.write(json.dumps(make_row(rng), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(make_row(rng), ensure_ascii=False) + "\n" for _ in range(n))
 
 
 class ChildPeaks:
@@ -202,7 +201,7 @@ def _subprocess(a, phase: str, data: str | None = None, cache_dir: str | None = 
            "--cache", cache_dir, "--workers", str(a.workers),
            "--batch", str(a.batch), "--pass-limit", str(a.pass_limit or 0)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"phase {phase} failed")
@@ -229,8 +228,7 @@ def tiled_entry(a, base_entry: str, tiles: int) -> tuple[str, str]:
     with open(a.data, "rb") as src:
         block = src.read()
     with open(big, "wb") as f:
-        for _ in range(tiles):
-            f.write(block)
+        f.writelines(block for _ in range(tiles))
     root = os.path.join(a.work, f"scaled_x{tiles}")
     key, desc = cache.cache_key(_config(a, root, a.workers, data=big), big, root)
     base = TokenStore.open(base_entry)

@@ -13,15 +13,15 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY, TINY_DATA, load_tool, write_jsonl
+
 from slime.data import cache
 from slime.data.config import SFTDataConfig, build_data_source
 from slime.data.dataset import DataValidationError, EncoderSpec
 from slime.data.loader import load_prepared
 from slime.utils.arguments import parse_args
 
-ROWS = [json.loads(line) for line in open(TINY_DATA, encoding="utf-8")][:24]
+ROWS = [json.loads(line) for line in TINY_DATA.read_text(encoding="utf-8").splitlines()][:24]
 BAD = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}
 
 
@@ -154,7 +154,7 @@ build_data_source(SFTDataConfig(prompt_data=sys.argv[1], hf_checkpoint=sys.argv[
 def test_killed_build_is_never_used(data, tmp_path):
     root = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", USE_TORCH="0", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    proc = subprocess.run([sys.executable, "-c", CRASH, str(data), str(TINY), str(root)], env=env,
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(data), str(TINY), str(root)], env=env, check=False,
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     parent = root / "v1"

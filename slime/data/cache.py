@@ -34,7 +34,7 @@ from importlib import metadata
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CACHE_VERSION", "cache_key", "default_cache_dir", "entry_dir", "commit", "new_tmp_dir", "file_sha256"]
+__all__ = ["CACHE_VERSION", "cache_key", "commit", "default_cache_dir", "entry_dir", "file_sha256", "new_tmp_dir"]
 
 #: Bump when the store layout (slime.data.store) changes; code that decides samples is hashed instead.
 CACHE_VERSION = 1
@@ -104,8 +104,9 @@ def tokenizer_hash(hf_checkpoint: str, cache_root: str | None = None) -> str:
     """Hash of what `AutoTokenizer.from_pretrained(hf_checkpoint)` reads.
 
     A local directory: every top-level file except weights (tokenizer files, chat
-    templates, config.json, which can pick the tokenizer class) and the extra chat templates. Anything else (a hub id): the loaded
-    tokenizer's own serialization and chat template.
+    templates, config.json, which can pick the tokenizer class) and the extra chat
+    templates. Anything else (a hub id): the loaded tokenizer's own serialization and chat
+    template.
     """
     if os.path.isdir(hf_checkpoint):
         files = []

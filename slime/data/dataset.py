@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -145,7 +145,7 @@ class DataReport:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict, path: str, lengths: np.ndarray | None = None) -> "DataReport":
+    def from_dict(cls, d: dict, path: str, lengths: np.ndarray | None = None) -> DataReport:
         """The stored report, its messages pointing at ``path`` (the cache is shared by equal content)."""
         old = d["path"]
         errors = [path + e[len(old):] if e.startswith(old) else e for e in d["errors"]]

@@ -16,7 +16,7 @@ import math
 import os
 import pickle
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["encode_in_processes", "plan_workers", "usable_cpus"]
 

@@ -12,8 +12,8 @@ import hashlib
 import logging
 import re
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from slime.data.store import StoreWriter, TokenStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "encode_rows", "prepare", "chunk_ranges"]
+__all__ = ["Chunk", "chunk_ranges", "encode_rows", "prepare"]
 
 DEFAULT_CHUNK_ROWS = 256
 

@@ -19,7 +19,7 @@ DEFAULT_INTERVAL_S = 10.0
 
 
 def format_seconds(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     if s < 60:
         return f"{s}s"
     if s < 3600:

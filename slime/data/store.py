@@ -132,7 +132,7 @@ class TokenStore:
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: str) -> "TokenStore":
+    def open(cls, directory: str) -> TokenStore:
         """Map ``directory``; raises `StoreError` unless every file matches ``meta.json``."""
         try:
             with open(os.path.join(directory, META), encoding="utf-8") as f:
