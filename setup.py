@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# GPU rollouts need both the server and the router in front of several servers.
+SGLANG = ["sglang>=0.5", "sglang-router>=0.2"]
+
 setup(
     name="slime",
     version="0.1.0",
@@ -31,6 +34,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
-        "rl": ["sglang>=0.5"],
+        # `pip install -e .[sglang]`; "rl" is the older name of the same extra.
+        "sglang": SGLANG,
+        "rl": SGLANG,
     },
 )

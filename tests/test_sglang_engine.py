@@ -16,7 +16,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY
 
 FAKES = ROOT / "tests" / "fakes"
@@ -25,7 +24,9 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def fake_commands():
-    old = {k: os.environ.get(k) for k in ("SLIME_SGLANG_LAUNCH_COMMAND", "SLIME_SGLANG_ROUTER_COMMAND", "OMP_NUM_THREADS")}
+    old = {
+        k: os.environ.get(k) for k in ("SLIME_SGLANG_LAUNCH_COMMAND", "SLIME_SGLANG_ROUTER_COMMAND", "OMP_NUM_THREADS")
+    }
     os.environ["SLIME_SGLANG_LAUNCH_COMMAND"] = f"{sys.executable} {FAKES / 'fake_sglang_server.py'}"
     os.environ["SLIME_SGLANG_ROUTER_COMMAND"] = f"{sys.executable} {FAKES / 'fake_sglang_router.py'}"
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -38,7 +39,11 @@ def fake_commands():
 
 
 def _greedy(url_or_engine, ids, n=6):
-    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}, "return_logprob": True}
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+        "return_logprob": True,
+    }
     if isinstance(url_or_engine, str):
         from slime.engines.server_process import http_call
 
@@ -56,7 +61,13 @@ def test_server_argv_passes_every_sglang_flag_through(fake_commands):
         gpu_ids=("4", "5"),
         memory_saver=True,
         seed=7,
-        server_args={"mem_fraction_static": 0.7, "cuda_graph_bs": [1, 2, 4], "disable_radix_cache": True, "json_model_override_args": {"a": 1}, "chunked_prefill_size": None},
+        server_args={
+            "mem_fraction_static": 0.7,
+            "cuda_graph_bs": [1, 2, 4],
+            "disable_radix_cache": True,
+            "json_model_override_args": {"a": 1},
+            "chunked_prefill_size": None,
+        },
     )
     argv = server_argv(cfg, port=1234, nccl_port=5678)
     assert argv[:2] == [sys.executable, str(FAKES / "fake_sglang_server.py")]
@@ -122,7 +133,12 @@ def engine(fake_commands):
 
     actor = SGLangEngineActor(
         SGLangEngineConfig(
-            model_path=str(TINY), tp_size=2, gpu_ids=("3", "5"), memory_saver=True, server_args={"mem_fraction_static": "0.7"}, start_timeout=300
+            model_path=str(TINY),
+            tp_size=2,
+            gpu_ids=("3", "5"),
+            memory_saver=True,
+            server_args={"mem_fraction_static": "0.7"},
+            start_timeout=300,
         )
     )
     actor.start()
@@ -223,7 +239,9 @@ def test_router_spreads_requests_and_takes_workers(engine):
 def test_a_server_that_dies_at_start_fails_fast_with_its_output(fake_commands):
     from slime.engines.sglang_engine import SGLangEngineActor, SGLangEngineConfig
 
-    actor = SGLangEngineActor(SGLangEngineConfig(model_path=str(TINY), server_args={"fail_at_start": True}, start_timeout=120))
+    actor = SGLangEngineActor(
+        SGLangEngineConfig(model_path=str(TINY), server_args={"fail_at_start": True}, start_timeout=120)
+    )
     with pytest.raises(RuntimeError, match="(?s)exited with code 3.*asked to fail at start"):
         actor.start()
 
@@ -234,7 +252,14 @@ def ray_gpus(fake_commands):
     import ray
 
     # Logical GPUs: placement groups, bundle GPU ids and CUDA_VISIBLE_DEVICES work as on a GPU node.
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+    )
     yield ray
     ray.shutdown()
 
@@ -246,7 +271,13 @@ def _engine_args(**overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_engine_placement_arguments(add_cpu_engine_arguments(parser))
     args = parser.parse_args(["--rollout-engine", "sglang", "--cpu-engine-num-threads", "1"])
-    fields = dict(hf_checkpoint=str(TINY), rollout_num_gpus=2, colocate=False, sglang_server_args={}, rollout_seed=1)
+    fields = {
+        "hf_checkpoint": str(TINY),
+        "rollout_num_gpus": 2,
+        "colocate": False,
+        "sglang_server_args": {},
+        "rollout_seed": 1,
+    }
     for k, v in {**fields, **overrides}.items():
         setattr(args, k, v)
     return args
@@ -269,7 +300,12 @@ def test_sglang_engines_on_their_own_gpus_behind_a_router(ray_gpus):
         seeds = sorted(http_call("GET", u + "/fake_info")["args"]["random_seed"] for u in urls)
         assert seeds == [1, 2]
         name, tensor = "model.norm.weight", torch.full((128,), 0.5)
-        assert ray.get([h.update_weights.remote(ray.put([(name, tensor)]), weight_version="9", flush_cache=True) for h in engines.handles]) == ["9", "9"]
+        assert ray.get(
+            [
+                h.update_weights.remote(ray.put([(name, tensor)]), weight_version="9", flush_cache=True)
+                for h in engines.handles
+            ]
+        ) == ["9", "9"]
         out = _greedy(engines.url, [1, 2, 3], n=2)
         assert out["meta_info"]["weight_version"] == "9"
     finally:

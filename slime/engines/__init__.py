@@ -4,6 +4,9 @@
 - `cpu_engine`: `CpuEngine`, continuous batching over a HF causal LM (CPU, or CUDA if present).
 - `http_server`: SGLang's native HTTP routes over a `CpuEngine`; `launch_server(config) -> url`.
 - `ray_engine`: the engine as a Ray actor placed on a placement-group bundle.
+- `sglang_engine`: an SGLang server (``sglang.launch_server``) as a Ray actor on its GPUs.
+- `router`: sglang-router in front of several SGLang engines (started, or an existing one).
+- `server_process`: a server program in a child process (start, health wait, HTTP, stop).
 
 Importing this package loads neither torch nor Ray; the modules that need them do.
 """

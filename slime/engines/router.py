@@ -52,7 +52,13 @@ class Router:
             unregister_workers(self.url, self.worker_urls)
 
 
-def launch_router(worker_urls: list[str], host: str = "127.0.0.1", port: int | None = None, policy: str = "cache_aware", timeout: float = 300.0) -> Router:
+def launch_router(
+    worker_urls: list[str],
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    policy: str = "cache_aware",
+    timeout: float = 300.0,
+) -> Router:
     """Start a router over ``worker_urls``; returns once it answers ``/health``."""
     if not worker_urls:
         raise ValueError("a router needs at least one engine URL")
@@ -74,7 +80,9 @@ def register_workers(router_url: str, worker_urls: list[str]) -> Router:
             http_call("POST", router_url + "/workers", {"url": worker}, timeout=60)
         except HTTPCallError as e:
             if e.status not in (404, 405):
-                raise RuntimeError(f"--sglang-router-ip/--sglang-router-port: could not add engine {worker} to {router_url}: {e}") from None
+                raise RuntimeError(
+                    f"--sglang-router-ip/--sglang-router-port: could not add engine {worker} to {router_url}: {e}"
+                ) from None
             # Routers before the /workers API take the URL as a query parameter.
             http_call("POST", f"{router_url}/add_worker?url={urllib.parse.quote(worker, safe='')}", None, timeout=60)
         logger.info("engine %s added to the router at %s", worker, router_url)

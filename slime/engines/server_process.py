@@ -112,7 +112,9 @@ class ServerProcess:
                 last = str(e)
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{self.name}: {url} not healthy after {timeout:.0f} s ({last}); log {self.log_path}:\n{self.log_tail()}")
+                raise TimeoutError(
+                    f"{self.name}: {url} not healthy after {timeout:.0f} s ({last}); log {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(poll_s)
 
     def stop(self, timeout: float = 30.0) -> None:

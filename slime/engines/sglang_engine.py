@@ -37,7 +37,14 @@ from slime.engines.server_process import ServerProcess, free_port, http_call, ur
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESERVED_SERVER_ARGS", "SGLangEngineActor", "SGLangEngineConfig", "launch_command", "server_argv", "share_named_tensors"]
+__all__ = [
+    "RESERVED_SERVER_ARGS",
+    "SGLangEngineActor",
+    "SGLangEngineConfig",
+    "launch_command",
+    "server_argv",
+    "share_named_tensors",
+]
 
 LAUNCH_ENV = "SLIME_SGLANG_LAUNCH_COMMAND"
 # Server flags slime sets itself, with the slime flag that decides each.
@@ -172,7 +179,9 @@ def share_named_tensors(named_tensors) -> tuple[list, object]:
     offsets, total = [], 0
     for name, tensor in items:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"weight update: expected (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})")
+            raise TypeError(
+                f"weight update: expected (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})"
+            )
         total = -(-total // _ALIGN) * _ALIGN
         offsets.append(total)
         total += tensor.numel() * tensor.element_size()
@@ -180,7 +189,11 @@ def share_named_tensors(named_tensors) -> tuple[list, object]:
     shared = []
     for (name, tensor), offset in zip(items, offsets):
         nbytes = tensor.numel() * tensor.element_size()
-        view = segment[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape) if nbytes else torch.empty(tensor.shape, dtype=tensor.dtype)
+        view = (
+            segment[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            if nbytes
+            else torch.empty(tensor.shape, dtype=tensor.dtype)
+        )
         view.copy_(tensor.detach().cpu())
         shared.append((name, view))
     return shared, segment
@@ -212,7 +225,14 @@ class SGLangEngineActor:
         url = url_for(cfg.host, port)
         self.process.wait_healthy(url + "/health_generate", timeout=cfg.start_timeout, poll_s=2.0)
         self.url = url
-        logger.info("%s serving %s at %s (tp %d, GPUs %s)", cfg.name, cfg.model_path, url, cfg.tp_size, ",".join(cfg.gpu_ids) or "inherited")
+        logger.info(
+            "%s serving %s at %s (tp %d, GPUs %s)",
+            cfg.name,
+            cfg.model_path,
+            url,
+            cfg.tp_size,
+            ",".join(cfg.gpu_ids) or "inherited",
+        )
         return url
 
     def get_url(self) -> str | None:

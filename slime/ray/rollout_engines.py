@@ -84,7 +84,9 @@ def _wait_ready(pg, what: str) -> None:
 
     ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
     if not ready:
-        raise TimeoutError(f"placement group for {what} ({pg.bundle_specs}) not ready after {PG_READY_TIMEOUT_S:.0f} s (cluster: {ray.cluster_resources()})")
+        raise TimeoutError(
+            f"placement group for {what} ({pg.bundle_specs}) not ready after {PG_READY_TIMEOUT_S:.0f} s (cluster: {ray.cluster_resources()})"
+        )
 
 
 def _probe_bundles(pg) -> list[tuple[str, str]]:
@@ -98,7 +100,9 @@ def _probe_bundles(pg) -> list[tuple[str, str]]:
         return ray.util.get_node_ip_address(), str(ids[0]) if ids else ""
 
     refs = [
-        where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)).remote()
+        where.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        ).remote()
         for i in range(len(pg.bundle_specs))
     ]
     return ray.get(refs, timeout=PG_READY_TIMEOUT_S)
@@ -116,10 +120,14 @@ def _start_sglang(args, placement_group) -> RolloutEngines:
     owned_pg = None
     if args.colocate:
         if placement_group is None:
-            raise ValueError("--colocate: the engines share the trainer's GPUs; the driver must create the trainer's placement group first and pass it")
+            raise ValueError(
+                "--colocate: the engines share the trainer's GPUs; the driver must create the trainer's placement group first and pass it"
+            )
         pg, total = placement_group, len(placement_group.bundle_specs)
         if args.rollout_num_gpus and args.rollout_num_gpus != total:
-            raise ValueError(f"--colocate: --rollout-num-gpus {args.rollout_num_gpus} must equal the trainer's {total} GPUs (or be left out)")
+            raise ValueError(
+                f"--colocate: --rollout-num-gpus {args.rollout_num_gpus} must equal the trainer's {total} GPUs (or be left out)"
+            )
     else:
         total = args.rollout_num_gpus
         if not total:
@@ -136,7 +144,9 @@ def _start_sglang(args, placement_group) -> RolloutEngines:
         for i, bundles in enumerate(layout):
             nodes = {where[b][0] for b in bundles}
             if len(nodes) > 1:
-                raise ValueError(f"SGLang engine {i} would span nodes {sorted(nodes)}: --rollout-num-gpus-per-engine {tp} must fit on one node")
+                raise ValueError(
+                    f"SGLang engine {i} would span nodes {sorted(nodes)}: --rollout-num-gpus-per-engine {tp} must fit on one node"
+                )
             node = nodes.pop()
             config = SGLangEngineConfig(
                 model_path=args.hf_checkpoint,
@@ -155,7 +165,9 @@ def _start_sglang(args, placement_group) -> RolloutEngines:
                 .options(
                     num_cpus=0 if args.colocate else 1,
                     num_gpus=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundles[0]),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_bundle_index=bundles[0]
+                    ),
                 )
                 .remote(config)
             )
@@ -179,7 +191,9 @@ def _start_sglang(args, placement_group) -> RolloutEngines:
 
             remove_placement_group(owned_pg)
         raise
-    logger.info("%d SGLang engine(s) (tp %d%s) at %s", len(handles), tp, ", colocated" if args.colocate else "", engines.url)
+    logger.info(
+        "%d SGLang engine(s) (tp %d%s) at %s", len(handles), tp, ", colocated" if args.colocate else "", engines.url
+    )
     return engines
 
 
@@ -190,11 +204,22 @@ def _start_cpu(args, config) -> RolloutEngines:
     from slime.engines.ray_engine import create_cpu_engine
 
     if args.sglang_router_ip or args.sglang_router_port:
-        raise ValueError("--sglang-router-ip/--sglang-router-port name an existing router; the CPU engine runs without one")
-    if args.rollout_num_gpus and args.rollout_num_gpus_per_engine and args.rollout_num_gpus // args.rollout_num_gpus_per_engine > 1:
-        raise ValueError("the CPU engine runs one server per job for now; use --rollout-num-gpus equal to --rollout-num-gpus-per-engine")
+        raise ValueError(
+            "--sglang-router-ip/--sglang-router-port name an existing router; the CPU engine runs without one"
+        )
+    if (
+        args.rollout_num_gpus
+        and args.rollout_num_gpus_per_engine
+        and args.rollout_num_gpus // args.rollout_num_gpus_per_engine > 1
+    ):
+        raise ValueError(
+            "the CPU engine runs one server per job for now; use --rollout-num-gpus equal to --rollout-num-gpus-per-engine"
+        )
     if args.sglang_server_args:
-        logger.warning("the CPU engine does not use SGLang's server flags: %s", ", ".join(f"--sglang-{k.replace('_', '-')}" for k in args.sglang_server_args))
+        logger.warning(
+            "the CPU engine does not use SGLang's server flags: %s",
+            ", ".join(f"--sglang-{k.replace('_', '-')}" for k in args.sglang_server_args),
+        )
     # Its own bundle, like every other actor with resources: the engine's cores are reserved
     # through the same placement machinery as the trainer's ranks.
     pg = make_pg([{"CPU": 1}], strategy="PACK")

@@ -29,7 +29,10 @@ def main(argv=None):
         if not workers:
             return web.json_response({"error": {"message": "no workers"}}, status=503)
         target = workers[next(turn) % len(workers)]
-        async with aiohttp.ClientSession() as s, s.post(target + "/generate", data=await request.read(), headers={"Content-Type": "application/json"}) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(target + "/generate", data=await request.read(), headers={"Content-Type": "application/json"}) as r,
+        ):
             return web.Response(status=r.status, body=await r.read(), content_type="application/json")
 
     async def health(request):

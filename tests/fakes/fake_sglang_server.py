@@ -45,7 +45,9 @@ def main(argv=None):
     from slime.engines.cpu_engine import CpuEngine
     from slime.engines.http_server import build_app
 
-    config = EngineConfig(model_path=args.model_path, kind="cpu", seed=args.random_seed, host=args.host, port=args.port, num_threads=1)
+    config = EngineConfig(
+        model_path=args.model_path, kind="cpu", seed=args.random_seed, host=args.host, port=args.port, num_threads=1
+    )
     engine = CpuEngine(config)
     state = {"released": False, "generate_calls": 0, "updates": 0}
 
@@ -64,16 +66,22 @@ def main(argv=None):
         body = await request.json()
         entries = body.get("serialized_named_tensors") or []
         if len(entries) != args.tp_size:
-            return web.json_response({"success": False, "message": f"{len(entries)} payloads for tp {args.tp_size}"}, status=400)
+            return web.json_response(
+                {"success": False, "message": f"{len(entries)} payloads for tp {args.tp_size}"}, status=400
+            )
         per_rank = [pickle.load(io.BytesIO(base64.b64decode(e))) for e in entries]  # what each TP rank unpickles
         first = per_rank[0]
         for other in per_rank[1:]:
-            if [n for n, _ in other] != [n for n, _ in first] or not all(a.equal(b) for (_, a), (_, b) in zip(first, other)):
+            if [n for n, _ in other] != [n for n, _ in first] or not all(
+                a.equal(b) for (_, a), (_, b) in zip(first, other)
+            ):
                 return web.json_response({"success": False, "message": "TP ranks got different tensors"}, status=400)
         named = [(n, t.clone()) for n, t in first]
         del per_rank, first
         try:
-            engine.update_weights(named, weight_version=body.get("weight_version"), flush_cache=bool(body.get("flush_cache", True)))
+            engine.update_weights(
+                named, weight_version=body.get("weight_version"), flush_cache=bool(body.get("flush_cache", True))
+            )
         except (KeyError, ValueError, TypeError) as e:
             return web.json_response({"success": False, "message": str(e)}, status=400)
         state["updates"] += 1
@@ -81,7 +89,9 @@ def main(argv=None):
 
     async def release(request):
         if not args.enable_memory_saver:
-            return web.json_response({"error": {"message": "release_memory_occupation needs --enable-memory-saver"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "release_memory_occupation needs --enable-memory-saver"}}, status=400
+            )
         state["released"] = True
         return web.json_response({"success": True})
 
@@ -96,7 +106,12 @@ def main(argv=None):
 
     async def info(request):
         return web.json_response(
-            {"args": vars(args), "extra": extra, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **state}
+            {
+                "args": vars(args),
+                "extra": extra,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                **state,
+            }
         )
 
     app.router.add_post("/update_weights_from_tensor", update_from_tensor)
