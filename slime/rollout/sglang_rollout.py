@@ -309,6 +309,7 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
     kept: list[list] = []
     leftover: list[list] = []
     dropped: collections.Counter = collections.Counter()
+    judged: list[Sample] = []  # every sample of every group the filter saw, kept or dropped
     pending: set = set()
     done_unread: set = set()
     in_play = rounds = 0
@@ -345,6 +346,7 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
                         in_play -= 1
                         leftover.append(group)
                         continue
+                    judged.extend(flat)
                     verdict = call_dynamic_filter(dynamic_filter, args, flat)
                     if not verdict.keep and not (verdict.keep_when_insufficient and in_play <= target):
                         dropped[verdict.reason or "filtered"] += 1
@@ -381,6 +383,11 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
 
     kept.sort(key=lambda g: flatten_groups([g])[0].index or 0)
     metrics = rollout_metrics(flatten_groups(kept), getattr(args, "reward_key", None), "rollout")
+    # The kept groups' reward is what the filter let through (all-0 and all-1 groups are gone
+    # under check_reward_nonzero_std); this is the policy's own success rate this rollout.
+    unfiltered = rollout_metrics(judged, getattr(args, "reward_key", None), "rollout/unfiltered")
+    if "rollout/unfiltered/reward_mean" in unfiltered:
+        metrics["rollout/unfiltered/reward_mean"] = unfiltered["rollout/unfiltered/reward_mean"]
     metrics.update(
         {
             "rollout/time_s": elapsed,
@@ -408,20 +415,39 @@ async def generate_rollout_async(args, rollout_id: int, data_source) -> tuple[Ro
     return RolloutFnTrainOutput(samples=kept, metrics=metrics), leftover
 
 
-# One event loop thread for the process: generate_rollout is called synchronously (from the
-# RolloutManager actor, tests, scripts), possibly from a thread that already runs a loop.
-_LOOP: asyncio.AbstractEventLoop | None = None
-_LOOP_LOCK = threading.Lock()
+class _LoopThread:
+    """An asyncio event loop running forever on a daemon thread; `run` submits a coroutine and waits.
+
+    generate_rollout is called synchronously (RolloutManager actor, tests, scripts), possibly
+    from a thread whose own loop is already running, so the coroutine cannot simply be
+    ``asyncio.run`` there.
+    """
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def run(self, coro):
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="slime-rollout-loop", daemon=True).start()
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+
+# One loop for the whole process, on purpose: plugins ported from slime (custom generate and
+# reward functions) may create loop-bound objects on first use -- an aiohttp session, an
+# asyncio.Lock or Semaphore kept in a module -- and reuse them in later rollouts, which only
+# works if every rollout runs on the same loop (as in slime). slime's plugin signature,
+# generate_rollout(args, rollout_id, data_source, evaluation), leaves no object of ours that
+# lives across calls to hold it, so the process does.
+_ROLLOUT_LOOP = _LoopThread()
 
 
 def run_sync(coro):
     """Run ``coro`` on the rollout's event loop thread and return its result."""
-    global _LOOP
-    with _LOOP_LOCK:
-        if _LOOP is None or _LOOP.is_closed():
-            _LOOP = asyncio.new_event_loop()
-            threading.Thread(target=_LOOP.run_forever, name="slime-rollout-loop", daemon=True).start()
-    return asyncio.run_coroutine_threadsafe(coro, _LOOP).result()
+    return _ROLLOUT_LOOP.run(coro)
 
 
 def generate_rollout(

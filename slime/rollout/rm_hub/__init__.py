@@ -11,18 +11,18 @@ the custom function for the whole group). Which reward applies, first match wins
 
 Every result passes `plugin_contracts.check_reward` (no None, finite, ``--reward-key``
 present in dict rewards).
+
+The package is imported when the main parser is built (``rm_hub.config`` lives in it), so
+only light modules load here; the HTTP client of ``remote_rm`` (aiohttp) loads on first use.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from slime.rollout.plugin_contracts import REWARD_FLAG, check_group_rewards, check_reward, load_reward_function
 from slime.rollout.rm_hub.dapo import compute_score as dapo_score
 from slime.rollout.rm_hub.deepscaler import boxed_math_reward, get_deepscaler_rule_based_reward
 from slime.rollout.rm_hub.f1 import f1_score
 from slime.rollout.rm_hub.math_utils import last_boxed
-from slime.rollout.rm_hub.remote import remote_rm
 from slime.utils.types import Sample
 
 __all__ = ["RM_TYPES", "async_rm", "batched_async_rm", "rule_based_reward"]
@@ -63,6 +63,8 @@ async def _one(args, sample: Sample, evaluation: bool, **kwargs):
     if not rm_type:
         raise ValueError("no reward: set --rm-type (one of " + ", ".join(RM_TYPES) + ") or --custom-rm-path")
     if rm_type == "remote_rm":
+        from slime.rollout.rm_hub.remote import remote_rm
+
         return f"--rm-type remote_rm ({args.rm_url})", await remote_rm(args, sample)
     return f"--rm-type {rm_type}", rule_based_reward(rm_type, sample.response, sample.label)
 
@@ -75,6 +77,8 @@ async def async_rm(args, sample: Sample, evaluation: bool = False, **kwargs):
 
 async def batched_async_rm(args, samples: list[Sample], evaluation: bool = False, **kwargs) -> list:
     """Rewards of ``samples``: one group call with ``--custom-rm-path`` + ``--group-rm``, else per sample."""
+    import asyncio
+
     custom = getattr(args, "custom_rm_path", None)
     if custom and getattr(args, "group_rm", False):
         fn = load_reward_function(custom, True)
