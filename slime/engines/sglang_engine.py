@@ -33,7 +33,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from slime.engines.server_process import ServerProcess, free_port, http_call, url_for
+from slime.engines.server_process import HTTPCallError, ServerProcess, free_port, http_call, url_for
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +284,20 @@ class SGLangEngineActor:
         self.weight_version = body.get("weight_version", self.weight_version)
         return str(self.weight_version)
 
-    def flush_cache(self) -> None:
-        self._post("/flush_cache", None)
+    def flush_cache(self, timeout: float = 60.0) -> None:
+        """Drop the prefix cache; SGLang refuses while requests are still running, so retry."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._post("/flush_cache", None)
+                return
+            except HTTPCallError as e:
+                if e.status is None or time.monotonic() > deadline:
+                    raise
+                logger.info("%s: flush_cache refused (%s); retrying", self.config.name, e)
+                time.sleep(1.0)
 
     # ------------------------------------------------------------------ colocate
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
