@@ -326,6 +326,11 @@ def test_colocated_engine_uses_the_trainers_bundles(ray_gpus):
     args = _engine_args(colocate=True, rollout_num_gpus=None, rollout_num_gpus_per_engine=2)
     with pytest.raises(ValueError, match="trainer's placement group"):
         start_rollout_engines(args)
+    cpu_pg = placement_group([{"CPU": 1}])
+    ray.get(cpu_pg.ready(), timeout=60)
+    with pytest.raises(ValueError, match="bundles without a GPU"):
+        start_rollout_engines(args, placement_group=cpu_pg)
+    remove_placement_group(cpu_pg)
     trainer_pg = placement_group([{"GPU": 1, "CPU": 1}] * 2, strategy="PACK")
     ray.get(trainer_pg.ready(), timeout=60)
     try:

@@ -124,6 +124,10 @@ def _start_sglang(args, placement_group) -> RolloutEngines:
                 "--colocate: the engines share the trainer's GPUs; the driver must create the trainer's placement group first and pass it"
             )
         pg, total = placement_group, len(placement_group.bundle_specs)
+        if not all(spec.get("GPU", 0) > 0 for spec in pg.bundle_specs):
+            raise ValueError(
+                "--colocate with SGLang engines needs the trainer on GPUs: its placement group has bundles without a GPU"
+            )
         if args.rollout_num_gpus and args.rollout_num_gpus != total:
             raise ValueError(
                 f"--colocate: --rollout-num-gpus {args.rollout_num_gpus} must equal the trainer's {total} GPUs (or be left out)"
