@@ -126,6 +126,19 @@ def test_share_named_tensors_copies_into_one_segment():
         share_named_tensors([("x", [1.0])])
 
 
+def test_bucket_larger_than_free_shared_memory_is_refused(monkeypatch):
+    import torch
+
+    from slime.engines import sglang_engine
+
+    class Small:  # 40 KiB free in /dev/shm
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(sglang_engine.os, "statvfs", lambda path: Small)
+    with pytest.raises(RuntimeError, match="does not fit in /dev/shm.*--update-weight-buffer-size"):
+        sglang_engine.share_named_tensors([("a", torch.zeros(100_000))])
+
+
 # ---------------------------------------------------------------------- one engine process
 @pytest.fixture(scope="module")
 def engine(fake_commands):

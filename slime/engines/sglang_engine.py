@@ -164,6 +164,21 @@ def _serializer():
         return serialize
 
 
+def _check_shm_room(nbytes: int, path: str = "/dev/shm") -> None:
+    """Shared segments live in /dev/shm; writing past a full one kills the process with SIGBUS
+    (containers default to 64 MB), so refuse with a clear error instead."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return  # no /dev/shm to inspect: let torch report what it finds
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise RuntimeError(
+            f"weight update: a bucket of {nbytes / 2**20:.0f} MiB does not fit in {path} ({free / 2**20:.0f} MiB free); "
+            "lower --update-weight-buffer-size or give the container more shared memory (docker --shm-size)"
+        )
+
+
 def share_named_tensors(named_tensors) -> tuple[list, object]:
     """(name, tensor) pairs copied into one shared-memory segment: (pairs of views, the segment).
 
@@ -185,6 +200,7 @@ def share_named_tensors(named_tensors) -> tuple[list, object]:
         total = -(-total // _ALIGN) * _ALIGN
         offsets.append(total)
         total += tensor.numel() * tensor.element_size()
+    _check_shm_room(total)
     segment = torch.empty(max(total, _ALIGN), dtype=torch.uint8).share_memory_()
     shared = []
     for (name, tensor), offset in zip(items, offsets):
