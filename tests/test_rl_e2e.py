@@ -1,6 +1,7 @@
 """RL end to end through Ray on CPU: train_async.py starts the CPU engine, generates groups,
 scores them, trains with policy_loss (KL to the reference), syncs weights to the engine after
-every rollout, evaluates by reward, saves, and a resumed run continues from the saved rollout."""
+every rollout, evaluates by reward, saves, and a resumed run continues from the saved rollout
+with the losses of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ def prompts(path, n=12, seed=0):
     return write_jsonl(path, rows)
 
 
-def rl_cmd(data, save, num_rollout):
+def rl_cmd(data, save, num_rollout, script="train_async.py"):
     import sys
 
     return [
-        sys.executable, "train_async.py", "--hf-checkpoint", str(TINY), "--prompt-data", str(data),
+        sys.executable, script, "--hf-checkpoint", str(TINY), "--prompt-data", str(data),
         "--input-key", "messages", "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
         "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--num-rollout", str(num_rollout),
         "--rollout-max-response-len", "6", "--rm-type", "deepscaler", "--rollout-engine", "cpu",
@@ -45,9 +46,13 @@ def records(save):
 def test_grpo_through_ray_with_weight_sync_eval_and_resume(tmp_path):
     data = prompts(tmp_path / "prompts.jsonl")
     save = tmp_path / "ckpt"
-    proc = run(rl_cmd(data, save, 2), SLIME_STOP_AFTER_ROLLOUT="0")  # crash right after rollout 0's save
+    # train_async.py (rollout 1 prefetched while rollout 0 trains), crashing right after rollout
+    # 0's save; then the resume. The resume uses train.py: after a restart the engines hold the
+    # latest weights, so train_async.py's one-step-stale rollout cannot be replayed, while
+    # train.py's on-policy rollout can (compared with an uninterrupted train.py run below).
+    proc = run(rl_cmd(data, save, 2), SLIME_STOP_AFTER_ROLLOUT="0")
     assert proc.returncode != 0 and "fault injection" in proc.stdout + proc.stderr
-    proc = run(rl_cmd(data, save, 2))
+    proc = run(rl_cmd(data, save, 2, "train.py"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "at rollout 1" in out
@@ -64,6 +69,16 @@ def test_grpo_through_ray_with_weight_sync_eval_and_resume(tmp_path):
     assert len(syncs) == 4 and len({r["weight_sync/bytes"] for r in syncs}) == 1 and syncs[0]["weight_sync/bytes"] > 0
     assert [r["global_step"] for r in syncs] == [0, 1, 1, 2]
     assert len(evals) == 1 and evals[0]["eval/toy/num_samples"] == 12
+    # Invariant 5 for RL: uninterrupted, the run generates the same rollouts (seeded per sample)
+    # and trains to the same losses as the crashed-and-resumed run.
+    whole = tmp_path / "whole"
+    proc = run(rl_cmd(data, whole, 2, "train.py"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ref = records(whole)
+    for key in ("rollout/reward_mean", "rollout/response_len_tokens_mean"):
+        assert [r[key] for r in ref if key in r] == [r[key] for r in rollouts]
+    for key in ("loss", "pg_loss", "kl_loss"):
+        assert [r[key] for r in ref if "pg_loss" in r] == pytest.approx([r[key] for r in steps], rel=1e-5, abs=1e-7)
     assert not ray_processes()
 
 
