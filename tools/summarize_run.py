@@ -2,7 +2,8 @@
 
     python tools/summarize_run.py --save OUT/ckpt --save-hf OUT/hf [--tensorboard-dir DIR] [--prompt "..."]
 
-Reads ``SAVE/metrics.jsonl`` (one JSON line per optimizer step, written by the trainer) and
+Reads ``SAVE/metrics.jsonl`` (one JSON line per optimizer step, written by the trainer; an RL
+run adds one line per rollout, whose reward is summarised first and last, and per eval) and
 ``SAVE/latest_checkpointed_iteration.txt``, loads the HF export with transformers and
 generates a greedy reply to one chat prompt. Exits non-zero if a piece the run should have
 produced is missing, so a launcher that ends with it fails loudly rather than summarising
@@ -27,6 +28,25 @@ def read_losses(metrics: Path) -> tuple[list[float], dict[str, float]]:
                 losses.append(float(record["loss"]))
             evals.update({k: float(v) for k, v in record.items() if k.startswith("eval/")})
     return losses, evals
+
+
+def read_rewards(metrics: Path) -> tuple[list[float], dict[str, list[float]]]:
+    """RL: the reward of each rollout in order, and each eval set's reward mean at each eval.
+
+    A rollout's reward is ``rollout/unfiltered/reward_mean`` (every group the dynamic filter
+    judged: the policy's success rate) where logged, else ``rollout/reward_mean`` (kept groups).
+    """
+    rollouts, evals = [], {}
+    with open(metrics, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            value = record.get("rollout/unfiltered/reward_mean", record.get("rollout/reward_mean"))
+            if value is not None:
+                rollouts.append(float(value))
+            for k, v in record.items():
+                if k.startswith("eval/") and k.endswith("/reward_mean"):
+                    evals.setdefault(k, []).append(float(v))
+    return rollouts, evals
 
 
 def generate_reply(hf_dir: Path, prompt: str, max_new_tokens: int) -> str:
@@ -55,9 +75,16 @@ def summary_lines(save: Path, hf_dir: Path | None, tensorboard: Path | None, pro
     lines.append(f"  metrics, one JSON line per step:           {save / 'metrics.jsonl'}")
     if tensorboard:
         lines.append(f"  TensorBoard logs:                          {tensorboard}  (tensorboard --logdir {tensorboard})")
-    lines.append(f"  loss (nats/token): first step {losses[0]:.4f} -> last step {losses[-1]:.4f} over {len(losses)} steps")
-    for name, value in sorted(evals.items()):
-        lines.append(f"  {name}: {value:.4f}")
+    rollouts, eval_rewards = read_rewards(save / "metrics.jsonl")
+    if rollouts:  # RL: the policy loss is no per-token likelihood; the reward is what moved
+        lines.append(f"  reward: first rollout {rollouts[0]:.4f} -> last rollout {rollouts[-1]:.4f} over {len(rollouts)} rollouts")
+        for name, values in sorted(eval_rewards.items()):
+            lines.append(f"  {name}: first eval {values[0]:.4f} -> last eval {values[-1]:.4f} ({len(values)} evals)")
+        lines.append(f"  policy loss: first step {losses[0]:.4f} -> last step {losses[-1]:.4f} over {len(losses)} steps")
+    else:
+        lines.append(f"  loss (nats/token): first step {losses[0]:.4f} -> last step {losses[-1]:.4f} over {len(losses)} steps")
+        for name, value in sorted(evals.items()):
+            lines.append(f"  {name}: {value:.4f}")
     if reply is not None:
         lines.append(f"  reply of the exported model to {prompt!r}: {reply!r}")
     lines.append("=" * 72)
