@@ -138,7 +138,9 @@ def main() -> int:
     print("| path | peak above inputs (GiB) | of which weight grad (GiB) | fwd+bwd (s) | loss |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows:
-        print(f"| {name} | {r['peak_bytes'] / GIB:.2f} | {r['grad_weight_bytes'] / GIB:.2f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
+        print(
+            f"| {name} | {r['peak_bytes'] / GIB:.2f} | {r['grad_weight_bytes'] / GIB:.2f} | {r['seconds']:.1f} | {r['loss']:.6f} |"
+        )
     print(f"full fp32 logits of the micro-batch: {logits_bytes / GIB:.2f} GiB")
     print(f"lean / plain peak: {ratio:.3f} (target <= 0.25: {'MET' if ratio <= 0.25 else 'NOT MET'})")
     dh = (lean["grad_hidden"] - plain["grad_hidden"]).abs().max().item()
@@ -152,7 +154,10 @@ def main() -> int:
         f"{dw:.2e} (max |g| {scale_w:.2e}); grad weight norm rel diff {dn:.2e}: {'SAME' if same else 'DIFFERENT'}"
     )
     if args.json_out:
-        summary = {k: {f: v for f, v in r.items() if not f.startswith("grad_") or f.endswith(("norm", "bytes"))} for k, r in res.items()}
+        summary = {
+            k: {f: v for f, v in r.items() if not f.startswith("grad_") or f.endswith(("norm", "bytes"))}
+            for k, r in res.items()
+        }
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "ratio": ratio, "same": same, **summary}, f, indent=1)
     return 0 if same else 1

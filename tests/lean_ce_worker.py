@@ -51,7 +51,12 @@ def compare_paths(vocab_size=301, padded=384, seq=37, hidden_size=16, chunk=5, s
             output, labels, vocab_size, start, chunk_tokens=chunk, with_entropy=True, entropy_grad=True
         )
         ((logp * w_logp).sum() + (ent * w_ent).sum()).backward()
-        out[name] = {"logp": logp.detach(), "ent": ent.detach(), "grad_hidden": h.grad, "grad_weight": layer.weight.grad}
+        out[name] = {
+            "logp": logp.detach(),
+            "ent": ent.detach(),
+            "grad_hidden": h.grad,
+            "grad_weight": layer.weight.grad,
+        }
     # log-softmax over the full (unpadded) vocabulary: the ground truth both must equal
     full = (hidden[:, 0] @ weight[:vocab_size].t()).log_softmax(-1)
     out["reference"] = {"logp": full.gather(1, labels[0, :, None])[:, 0], "ent": -(full.exp() * full).sum(-1)}

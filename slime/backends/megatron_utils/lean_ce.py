@@ -70,7 +70,7 @@ class CrossEntropyConfig:
         return self.chunk_tokens > 0
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "CrossEntropyConfig":
+    def from_args(cls, args: argparse.Namespace) -> CrossEntropyConfig:
         return cls(chunk_tokens=0 if args.no_lean_cross_entropy else args.cross_entropy_chunk_tokens)
 
 
@@ -164,7 +164,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
         n_real = vocab_size - vocab_start
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # fp32 accumulator over chunks (the plain path's single GEMM accumulates in fp32 too).
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         grad_logp = grad_logp.float()
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
@@ -216,7 +218,9 @@ def chunked_log_probs(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     logp, ent = _ChunkedLogProbs.apply(

@@ -40,7 +40,10 @@ class OutputHead:
         """``[b, s, h]`` hidden states as every TP rank's output projection sees them: gathered
         over the sequence under sequence parallelism, and with a backward that sums the
         ranks' partial input gradients (what the column-parallel layer does on its input)."""
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
 
         if getattr(self.layer, "sequence_parallel", False):
             full = gather_from_sequence_parallel_region(self.hidden, tensor_parallel_output_grad=True)

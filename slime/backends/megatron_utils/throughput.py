@@ -55,7 +55,7 @@ class ThroughputConfig:
             raise ValueError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ThroughputConfig":
+    def from_args(cls, args: argparse.Namespace) -> ThroughputConfig:
         return cls(peak_tflops=args.peak_tflops)
 
     def peak_flops(self, bf16: bool) -> float | None:
