@@ -239,7 +239,7 @@ class SGLangEngineActor:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
         self.process = ServerProcess(cfg.name, server_argv(cfg, port, nccl_port), env=env)
         url = url_for(cfg.host, port)
-        self.process.wait_healthy(url + "/health_generate", timeout=cfg.start_timeout, poll_s=2.0)
+        self.process.wait_healthy(url + "/health_generate", timeout=cfg.start_timeout, poll_s=1.0)
         self.url = url
         logger.info(
             "%s serving %s at %s (tp %d, GPUs %s)",
