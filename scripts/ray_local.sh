@@ -47,24 +47,33 @@ start_local_ray() {  # $1: CPUs, $2: GPUs
 }
 
 submit_job() {  # ray job submit to ${SUBMIT_ADDRESS}; "$@": its options, then -- and the entrypoint
-  # A head that answers `ray job list` may not have its job agent registered yet (seen on a
-  # loaded machine: HTTP 500 "No available agent to submit job"). No job exists then, so the
-  # submission is retried; every other failure, and any failure of the job itself, is final.
-  local log rc
+  # A head that answers `ray job list` may still refuse a submission for a while (seen on a
+  # loaded machine: HTTP 500 "No available agent to submit job", or the connection dropped).
+  # The job gets a fixed submission id, so a retry can tell "never created" (submit again)
+  # from "created, then the connection dropped" (follow that job instead of a second one).
+  # Any failure of the job itself is final.
+  local id log rc
+  id="slime-$(date +%Y%m%d-%H%M%S)-$$"
   log=$(mktemp)
   for _ in $(seq 1 30); do
     set +e
-    ray job submit --address "${SUBMIT_ADDRESS}" "$@" 2>&1 | tee "${log}"
+    ray job submit --address "${SUBMIT_ADDRESS}" --submission-id "${id}" "$@" 2>&1 | tee "${log}"
     rc=${PIPESTATUS[0]}
     set -e
-    if [ "${rc}" -eq 0 ] || ! grep -q "No available agent to submit job" "${log}"; then
+    if [ "${rc}" -eq 0 ] || ! grep -Eq "No available agent to submit job|Connection aborted|RemoteDisconnected|Connection refused" "${log}"; then
       rm -f "${log}"
       return "${rc}"
     fi
-    echo "ray job agent not ready yet; submitting again in 2 s" >&2
+    if ray job status --address "${SUBMIT_ADDRESS}" "${id}" > /dev/null 2>&1; then  # it exists: follow it
+      rm -f "${log}"
+      ray job logs --address "${SUBMIT_ADDRESS}" --follow "${id}" || true
+      ray job status --address "${SUBMIT_ADDRESS}" "${id}" | tee /dev/stderr | grep -q "succeeded"
+      return
+    fi
+    echo "ray job submission was refused (job agent not ready); submitting again in 2 s" >&2
     sleep 2
   done
   rm -f "${log}"
-  echo "ray job agent never became ready at ${SUBMIT_ADDRESS}" >&2
+  echo "ray never accepted the job at ${SUBMIT_ADDRESS}" >&2
   return 1
 }

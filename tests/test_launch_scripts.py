@@ -86,23 +86,35 @@ def test_users_own_token_and_cluster_are_left_alone(tmp_path):
     assert not (tmp_path / "b" / "home" / ".ray").exists()
 
 
-@pytest.mark.parametrize("failure, calls, rc", [("No available agent to submit job, please try again later", 3, 0), ("job failed", 1, 1)])
-def test_submit_retries_only_while_the_job_agent_is_not_ready(tmp_path, failure, calls, rc):
-    """A fake `ray` CLI fails twice: the not-ready agent is retried, any other failure is final."""
-    bin_dir, count = tmp_path / "bin", tmp_path / "calls"
+@pytest.mark.parametrize(
+    "failure, job_created, submits, rc",
+    [
+        ("No available agent to submit job, please try again later", False, 3, 0),  # refused twice, then accepted
+        ("ConnectionError: ('Connection aborted.', RemoteDisconnected(...))", True, 1, 0),  # created: followed, not resubmitted
+        ("job failed", False, 1, 1),  # the job's own failure is final
+    ],
+)
+def test_submit_retries_only_when_no_job_was_created(tmp_path, failure, job_created, submits, rc):
+    """A fake `ray` CLI: `job submit` fails twice with ``failure``; `job status` knows the job
+    only if ``job_created``. A refused submission is retried, a created job is followed."""
+    bin_dir, count = tmp_path / "bin", tmp_path / "submits"
     bin_dir.mkdir()
     fake = bin_dir / "ray"
+    status = "echo \"Job 'x' succeeded\"; exit 0" if job_created else "exit 1"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        f'n=$(( $(cat "{count}" 2>/dev/null || echo 0) + 1 )); echo $n > "{count}"\n'
-        f'if [ $n -le 2 ]; then echo "RuntimeError: {failure}"; exit 1; fi\n'
-        'echo "Job succeeded"\n'
+        'case "$2" in\n'
+        f'  submit) n=$(( $(cat "{count}" 2>/dev/null || echo 0) + 1 )); echo $n > "{count}"\n'
+        f'          if [ $n -le 2 ]; then echo "RuntimeError: {failure}"; exit 1; fi; echo "Job succeeded"; exit 0 ;;\n'
+        f"  status) {status} ;;\n"
+        "  logs) exit 0 ;;\n"
+        "esac\n"
     )
     fake.chmod(0o755)
     env = _bare_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SUBMIT_ADDRESS="http://127.0.0.1:1")
-    proc = _source_helper('sleep() { :; }; submit_job -- python3 train.py', env)
+    proc = _source_helper("sleep() { :; }; submit_job -- python3 train.py", env)
     assert proc.returncode == rc, proc.stdout + proc.stderr
-    assert int(count.read_text()) == calls
+    assert int(count.read_text()) == submits
 
 
 def test_ci_runs_the_test_command_in_a_clean_environment():
@@ -140,8 +152,9 @@ def test_tiny_script_end_to_end_on_a_bare_home(tmp_path, short_tmp):
         assert str(where) in summary, where
     assert "loss (nats/token): first step" in summary and "reply of the exported model" in summary
     assert (tmp_path / "home" / ".ray" / "auth_token").exists()
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert not [line for line in ps.splitlines() if str(short_tmp) in line and ("raylet" in line or "gcs_server" in line)]
+    from test_trainer_e2e import ray_processes
+
+    assert not ray_processes(str(short_tmp))
 
 
 def test_flag_reference_is_current():

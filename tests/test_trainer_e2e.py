@@ -33,9 +33,16 @@ def run(cmd, **env):
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
-def ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "raylet" in line or "gcs_server" in line]
+def ray_processes(marker: str = "") -> list[str]:
+    """Running raylet / GCS processes (whose command line holds ``marker``). Zombies are not
+    running: where PID 1 does not reap orphans (containers), a stopped raylet stays listed as
+    ``[raylet] <defunct>`` although it is gone."""
+    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    rows = [line.strip().split(None, 1) for line in out.splitlines() if line.strip()]
+    return [
+        args for stat, args in (r for r in rows if len(r) == 2)
+        if not stat.startswith("Z") and marker in args and ("raylet" in args or "gcs_server" in args)
+    ]
 
 
 def losses(save):

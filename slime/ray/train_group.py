@@ -44,7 +44,9 @@ class TrainRayActor:
 
         cfg = actor_config_from_args(args, total_steps)
         _, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
-        self.actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, cfg.algorithm)
+        self.actor = MegatronActor(
+            cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, cfg.algorithm, cfg.cross_entropy, cfg.throughput
+        )
         self.args = args
         state: dict = {}
         if has_checkpoint(args.load):  # resume: weights, optimizer, schedule, RNG, data position

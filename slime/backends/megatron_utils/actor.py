@@ -270,10 +270,16 @@ class MegatronActor:
         flops = train_flops(self.model_args, [len(s["tokens"]) for s in samples], self.padded_vocab_size)
         sums = self._dp_sum(per_key + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs), flops])
         loss_metrics, (real, capacity, flops) = dict(zip(keys, sums[: len(keys)])), sums[len(keys) :]
+        moe_metrics = {}
+        if self.model_args.is_moe:  # router load and the load-balancing loss (a DP collective)
+            from slime.backends.megatron_utils.moe_layers import moe_step_metrics
+
+            moe_metrics = moe_step_metrics(self.model.module, len(mbs))
         elapsed = time.perf_counter() - start
         return {
             **self._throughput(real, flops, elapsed),
             **loss_metrics,
+            **moe_metrics,
             "step": self.step,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -95,6 +95,11 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+    from slime.backends.megatron_utils.loss_config import add_loss_arguments
+    from slime.backends.megatron_utils.throughput import add_throughput_arguments
+
+    add_loss_arguments(parser)
+    add_throughput_arguments(parser)
     c = parser.add_argument_group("checkpoints")
     c.add_argument("--load", default=None, help="torch_dist checkpoint to resume from")
     c.add_argument("--ref-load", default=None, help="torch_dist checkpoint of the initial weights (when --load has none)")
@@ -159,6 +164,8 @@ class ActorConfig:
     optim: object
     train: object
     algorithm: object = None  # slime.algorithms.config.AlgorithmConfig
+    cross_entropy: object = None  # lean_ce.CrossEntropyConfig
+    throughput: object = None  # throughput.ThroughputConfig
 
 
 def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorConfig:
@@ -167,8 +174,10 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
     from slime.algorithms.config import AlgorithmConfig, derive_global_batch_size
     from slime.backends.megatron_utils.actor import TrainArgs
     from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.loss_config import CrossEntropyConfig
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
+    from slime.backends.megatron_utils.throughput import ThroughputConfig
 
     check_parallel_sizes(args)
     backend, _ = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
@@ -218,4 +227,6 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
             custom_loss_function_path=args.custom_loss_function_path,
         ),
         algorithm=AlgorithmConfig.from_args(args),
+        cross_entropy=CrossEntropyConfig.from_args(args),
+        throughput=ThroughputConfig.from_args(args),
     )

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = global_batch_size(args)
     cfg = actor_config_from_args(args, total_steps=args.num_steps)
     source = build_data_source(SFTDataConfig.from_args(args), progress=False)
-    actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train)
+    actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, cfg.algorithm, cfg.cross_entropy, cfg.throughput)
     initial = args.load or args.ref_load
     if initial:
         actor.load_dist(initial)
