@@ -8,12 +8,11 @@
     python benchmarks/bench_train_step.py --hf-config slime/assets/tiny-qwen3/config.json --steps 2
 
 Synthetic packed batches (lengths drawn around each --seq-lens value, 60% of each sample
-supervised) go through the real actor step (DDP, optimizer, scheduler, megatron schedule).
-MFU = achieved FLOP/s / --peak-tflops, with training FLOPs per step =
-3 x forward FLOPs, forward FLOPs = 2 x (non-embedding params + lm-head params) per token
-+ causal attention 2 x 2 x layers x (heads x head_dim) x sum(L_i^2) / 2 (QK^T and AV, half
-masked) — the usual 6N + attention estimate, without recomputation. Ratios are against the
-sdpa backend run in the same process.
+supervised) go through the real actor step (DDP, optimizer, scheduler, megatron schedule), for
+each attention backend x output-layer loss (plain logits, or the memory-lean chunked
+cross-entropy). MFU = achieved FLOP/s / --peak-tflops with the actor's own FLOPs formula
+(`slime.backends.megatron_utils.throughput.train_flops`, documented in docs/benchmarks.md).
+Ratios are against sdpa with the plain loss, run in the same process.
 """
 
 from __future__ import annotations
@@ -25,16 +24,6 @@ import random
 import sys
 import tempfile
 import time
-
-
-def flops_per_step(m, lengths: list[int]) -> float:
-    h, layers = m.hidden_size, m.num_layers
-    q_dim, kv_dim = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
-    per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * m.ffn_hidden_size
-    dense = layers * per_layer + h * m.vocab_size  # lm head counts; the embedding lookup does not
-    tokens = sum(lengths)
-    attn = 2 * 2 * layers * q_dim * sum(n * n for n in lengths) / 2
-    return 3 * (2 * dense * tokens + attn)
 
 
 def make_samples(rng: random.Random, vocab: int, mean_len: int, budget: int) -> list[dict]:
@@ -54,6 +43,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf-config", required=True, help="a HF config.json (random weights of that shape)")
     ap.add_argument("--backends", nargs="+", default=["sdpa", "flex"])
+    ap.add_argument("--losses", nargs="+", choices=("plain", "lean"), default=["plain", "lean"], help="output-layer loss paths")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[256])
     ap.add_argument("--max-tokens-per-gpu", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per setting (after 2 warm-up steps)")
@@ -66,6 +56,8 @@ def main() -> int:
 
     from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
     from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.loss_config import CrossEntropyConfig
+    from slime.backends.megatron_utils.throughput import ThroughputConfig, train_flops
     from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
@@ -78,10 +70,11 @@ def main() -> int:
     device = torch.cuda.get_device_name() if cuda else "CPU"
     header = f"model {args.hf_config} | {device} | {'bf16' if args.bf16 else 'fp32'} | torch {torch.__version__} | max tokens/micro-batch {args.max_tokens_per_gpu}"
     print(header)
-    lines = ["| backend | mean len | tokens/step | tokens/s | vs sdpa | peak mem GiB | MFU |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | loss | mean len | tokens/step | tokens/s | vs sdpa plain | peak mem GiB | MFU |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     base: dict[int, float] = {}
-    for backend in args.backends:
+    settings = [(b, loss) for b in args.backends for loss in args.losses]
+    for backend, loss in settings:
         if backend in ("flex", "varlen") and not cuda:
             print(f"(skipping {backend}: it trains on CUDA only)")
             continue
@@ -91,7 +84,10 @@ def main() -> int:
             BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=args.max_tokens_per_gpu, calculate_per_token_loss=True),
             OptimizerArgs(lr=1e-5),
             TrainArgs(global_batch_size=1, total_steps=10_000),
+            cross_entropy=CrossEntropyConfig(chunk_tokens=0 if loss == "plain" else CrossEntropyConfig().chunk_tokens),
+            throughput=ThroughputConfig(peak_tflops=args.peak_tflops),
         )
+        padded_vocab = model.padded_vocab_size(1)
         for mean_len in args.seq_lens:
             rng = random.Random(mean_len)
             batches = [make_samples(rng, model.vocab_size, mean_len, 4 * args.max_tokens_per_gpu) for _ in range(args.steps + 2)]
@@ -106,17 +102,17 @@ def main() -> int:
             for b in batches[2:]:
                 actor.train_step(b)
                 lengths = [len(s["tokens"]) for s in b]
-                flops += flops_per_step(model, lengths)
+                flops += train_flops(model, lengths, padded_vocab)  # the actor's own MFU formula
                 tokens += sum(lengths)
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             tps = tokens / dt
-            base.setdefault(mean_len, tps) if backend == "sdpa" else None
+            base.setdefault(mean_len, tps) if (backend, loss) == ("sdpa", "plain") else None
             ratio = f"{tps / base[mean_len]:.2f}x" if mean_len in base else "n/a"
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "n/a"
             mfu = f"{100 * flops / dt / (args.peak_tflops * 1e12):.1f}%" if cuda else "n/a"
-            row = f"| {backend} | {mean_len} | {tokens // args.steps} | {tps:,.0f} | {ratio} | {mem} | {mfu} |"
+            row = f"| {backend} | {loss} | {mean_len} | {tokens // args.steps} | {tps:,.0f} | {ratio} | {mem} | {mfu} |"
             lines.append(row)
             print(row, flush=True)
         del actor

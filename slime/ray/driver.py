@@ -37,7 +37,11 @@ class Trainer:
         self.args, self.sft = args, is_sft(args)
         world = args.actor_num_nodes * args.actor_num_gpus_per_node
         dp = world // args.tensor_model_parallel_size
-        self.engines = start_rollout_engines(args) if starts_engines(args) else RolloutEngines()
+        # The trainer's placement group first: with --colocate the engines share its GPU bundles.
+        self.pg, use_gpu = (None, False)
+        if not args.debug_rollout_only:
+            self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
+        self.engines = start_rollout_engines(args, placement_group=self.pg) if starts_engines(args) else RolloutEngines()
         self.manager = RolloutManager.remote(args, dp, self.engines.url)
         for line in ray.get(self.manager.report.remote()):
             logger.info(line)
@@ -51,7 +55,6 @@ class Trainer:
         if args.debug_rollout_only:  # generation and rewards only: no trainer, no checkpoints
             logger.info("--debug-rollout-only: no train actors start; rollouts are generated, scored and logged")
         else:
-            self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
             self.group = RayTrainGroup(args, self.pg, use_gpu, world)
             first = self.group.init(args, total_steps)[0]
             logger.info(first["attention"])
