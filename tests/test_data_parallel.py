@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -129,6 +132,7 @@ ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address=
          logging_level=logging.WARNING)
 try:
     print("SAMPLES", ray.get(Preparer.remote().run.remote(sys.argv[1], sys.argv[2]), timeout=150), flush=True)
+    sys.stdin.readline()  # Ray forwards actor output asynchronously: stay up until the test has read it
 finally:
     ray.shutdown()
 """
@@ -142,11 +146,23 @@ def test_progress_reaches_the_ray_driver(tmp_path):
     script.write_text(DRIVER)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(script), str(TINY_DATA), str(TINY)], env=env, cwd=tmp_path, check=False,
-                          capture_output=True, text=True, timeout=180)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    assert "SAMPLES 80" in out
+    proc = subprocess.Popen([sys.executable, str(script), str(TINY_DATA), str(TINY)], env=env, cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    out, deadline = "", time.monotonic() + 170
+    try:
+        wanted = ("SAMPLES 80", "samples: 80 kept, 0 truncated")  # in either order
+        while not all(w in out for w in wanted) and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                out += lines.get(timeout=1)
+            except queue.Empty:
+                pass
+    finally:
+        proc.stdin.close()  # lets the driver shut Ray down
+        proc.wait(timeout=60)
+    assert "SAMPLES 80" in out, out[-3000:]
     assert "2 worker processes" in out
     assert "rows/s" in out and "ETA" in out
     assert "samples: 80 kept, 0 truncated" in out
+    assert proc.returncode == 0
