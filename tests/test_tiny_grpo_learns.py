@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_tool
 
-sys.path.insert(0, str(ROOT / "tools"))
-import make_toy_task  # noqa: E402
-import summarize_run  # noqa: E402
+make_toy_task = load_tool("make_toy_task")
+summarize_run = load_tool("summarize_run")
 
 SCRIPT = ROOT / "scripts" / "run-tiny-grpo.sh"
 JOB_TIMEOUT_S = 240

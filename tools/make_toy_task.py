@@ -1,6 +1,6 @@
-"""Generate a verifiable toy RL task the embedded tiny model can learn on CPU in minutes.
+"""Generate a verifiable toy RL task for the embedded tiny model (scripts/run-tiny-grpo.sh).
 
-    python tools/make_toy_task.py --out-dir OUT/toy [--task add|copy] [--seed 0] [--train-rows 2000]
+    python tools/make_toy_task.py --out-dir OUT/toy [--task secret|copy|add] [--seed 0] [--train-rows 2000]
 
 Writes three JSONL files (OpenAI ``messages``, one user turn each):
 
@@ -8,7 +8,7 @@ Writes three JSONL files (OpenAI ``messages``, one user turn each):
   the task's problems shuffled and repeated to ``--train-rows`` rows;
 - ``eval.jsonl``: every problem of the task once, with its label (``--eval-prompt-data``);
 - ``sft_format.jsonl``: a warm-start SFT set that teaches the answer *format* only
-  (``\\boxed{d}``). Every problem appears once with each of the ten digits, so the set holds
+  (``\\boxed{d}``). Every problem appears with each of the ten digits equally often, so the set holds
   no information about which answer is right: a model fitted to it answers in the right shape
   with a uniform digit, i.e. a reward of about 1/10. Whatever reward GRPO reaches beyond
   that, it learned from the reward alone.
@@ -17,13 +17,15 @@ Tasks (answers are one digit, graded by ``--rm-type math``: the last ``\\boxed{}
 
 - ``secret``: ``"What is the secret digit?"`` -> a digit drawn from ``--seed`` that appears
   nowhere in the data but the labels. The policy can only find it by trying digits and
-  being rewarded: the shortest honest proof that GRPO learns (CI and run-tiny-grpo.sh);
-
-- ``add``: single-digit additions with a one-digit sum, ``"3 + 4 ="`` -> ``7`` (55 problems);
+  being rewarded: the proof that GRPO learns (CI and run-tiny-grpo.sh; 0.14 -> ~0.95 in 8
+  rollouts, docs/rl.md);
 - ``copy``: name the digit the prompt repeats, ``"555555555555"`` -> ``5`` (10 problems; the
-  quickest to learn: the digit fills the prompt, so even the warm-started model's unfocused
-  attention carries it to the answer position, and GRPO only has to learn the read-out. With
-  ``"Repeat 5"`` instead, 30 GRPO steps did not move the reward).
+  digit fills the prompt so that even unfocused attention carries it to the answer);
+- ``add``: single-digit additions with a one-digit sum, ``"3 + 4 ="`` -> ``7`` (55 problems).
+
+``copy`` and ``add`` need an answer that depends on the prompt; the ~400k-parameter tiny model
+did not learn either by GRPO within 40 rollouts (docs/rl.md): they are there for bigger models
+and longer runs.
 
 Everything is seeded; the same arguments write the same files.
 """
