@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--task", default="secret", choices=TASKS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-rows", type=int, default=2000, help="RL prompt rows (whole shuffled passes over the problems)")
+    p.add_argument(
+        "--train-rows", type=int, default=2000, help="RL prompt rows (whole shuffled passes over the problems)"
+    )
     args = p.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in build(args.task, args.seed, args.train_rows).items():

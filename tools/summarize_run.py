@@ -77,10 +77,11 @@ def summary_lines(save: Path, hf_dir: Path | None, tensorboard: Path | None, pro
         lines.append(f"  TensorBoard logs:                          {tensorboard}  (tensorboard --logdir {tensorboard})")
     rollouts, eval_rewards = read_rewards(save / "metrics.jsonl")
     if rollouts:  # RL: the policy loss is no per-token likelihood; the reward is what moved
-        lines.append(f"  reward: first rollout {rollouts[0]:.4f} -> last rollout {rollouts[-1]:.4f} over {len(rollouts)} rollouts")
+        first, last = rollouts[0], rollouts[-1]
+        lines.append(f"  reward: first rollout {first:.4f} -> last rollout {last:.4f} over {len(rollouts)} rollouts")
         for name, values in sorted(eval_rewards.items()):
             lines.append(f"  {name}: first eval {values[0]:.4f} -> last eval {values[-1]:.4f} ({len(values)} evals)")
-        lines.append(f"  policy loss: first step {losses[0]:.4f} -> last step {losses[-1]:.4f} over {len(losses)} steps")
+        lines.append(f"  policy loss: first step {losses[0]:.4f} -> last step {losses[-1]:.4f} ({len(losses)} steps)")
     else:
         lines.append(f"  loss (nats/token): first step {losses[0]:.4f} -> last step {losses[-1]:.4f} over {len(losses)} steps")
         for name, value in sorted(evals.items()):
