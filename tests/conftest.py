@@ -22,6 +22,21 @@ def load_tokenizer(path: Path = TINY):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_data_cache(tmp_path_factory):
+    """Token caches of the tests (and of the processes and Ray actors they start) go to a temp
+    dir, never to the user's ~/.cache/slime."""
+    import os
+
+    old = os.environ.get("SLIME_DATA_CACHE_DIR")
+    os.environ["SLIME_DATA_CACHE_DIR"] = str(tmp_path_factory.mktemp("sft-data-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SLIME_DATA_CACHE_DIR", None)
+    else:
+        os.environ["SLIME_DATA_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return load_tokenizer(TINY)
