@@ -17,6 +17,10 @@ ensure_ray_auth_token() {
   fi
 }
 
+free_port() {  # a port free on 127.0.0.1 right now, outside Ray's worker port range
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 start_local_ray() {  # $1: CPUs, $2: GPUs
   if [ -n "${RAY_ADDRESS:-}" ]; then
     SUBMIT_ADDRESS=${RAY_ADDRESS}
@@ -27,8 +31,14 @@ start_local_ray() {  # $1: CPUs, $2: GPUs
   export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
   if [ "${RAY_AUTH_MODE}" = "token" ]; then ensure_ray_auth_token; fi
   RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+  # Ray's other fixed defaults (job agent 52365, client server 10001) would collide with any
+  # other Ray head on the machine and leave the job agent dead: take free ports instead.
+  local agent_port client_port
+  agent_port=${RAY_AGENT_PORT:-$(free_port)}
+  client_port=${RAY_CLIENT_PORT:-$(free_port)}
   ray start --head --block --port "${RAY_GCS_PORT:-6379}" --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
-    --dashboard-port "${RAY_DASHBOARD_PORT}" --num-cpus "$1" --num-gpus "$2" --disable-usage-stats \
+    --dashboard-port "${RAY_DASHBOARD_PORT}" --dashboard-agent-listen-port "${agent_port}" \
+    --ray-client-server-port "${client_port}" --num-cpus "$1" --num-gpus "$2" --disable-usage-stats \
     > "${OUT}/ray_head.log" 2>&1 &
   RAY_HEAD_PID=$!
   trap 'kill "${RAY_HEAD_PID}" 2>/dev/null; wait "${RAY_HEAD_PID}" 2>/dev/null || true' EXIT
