@@ -221,9 +221,9 @@ def _port():
 def test_dp2_and_tp2_match_single_process(tmp_path, per_token):
     flags = ["--calculate-per-token-loss"] if per_token else []
     ref_loss, ref_grads = reference(samples_from_data(), per_token)
-    # Per-sample means depend on how samples are dealt to DP ranks; TP=2 shards the vocabulary
-    # under either mode alike (the per-sample TP=2 case also runs in test_policy_loss_packed),
-    # so per-sample runs DP=2 only: one torchrun less in CI.
+    # Per-sample means depend on how samples are dealt to DP ranks. TP=2 only shards the
+    # vocabulary of the cross-entropy; the loss weights (per-sample or per-token) are built
+    # before and apart from it, so TP=2 runs under per-token only: one torchrun less in CI.
     layouts = (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"])) if per_token else (("dp2", []),)
     for name, extra in layouts:
         dump, metrics = run_steps(tmp_path, name, *flags, *extra, nproc=2)
