@@ -8,7 +8,7 @@ import argparse
 import pytest
 import torch
 
-from megatron_helpers import FAMILIES, make_hf_checkpoint
+from megatron_helpers import FAMILIES, assert_packed_matches_hf, make_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,6 @@ def loaded(hf_dir, backend="sdpa"):
 def test_logits_match_transformers(parallel, checkpoints, family):
     from transformers import AutoModelForCausalLM
 
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     hf_dir = checkpoints[family]
     m, model = loaded(hf_dir)
     ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -68,13 +66,7 @@ def test_logits_match_transformers(parallel, checkpoints, family):
         theirs = ref(ids).logits
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         # Packed: three samples in one row, positions restarting, equal to separate HF calls.
-        lens = [5, 17, 11]
-        cu = torch.tensor([0, 5, 22, 33], dtype=torch.int32)
-        pos = torch.cat([torch.arange(n) for n in lens])[None]
-        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=17, max_seqlen_kv=17)
-        packed = model(ids[:1], pos, attention_mask=None, packed_seq_params=psp)[0, :, : m.vocab_size]
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            torch.testing.assert_close(packed[s:e], ref(ids[:1, s:e]).logits[0], rtol=1e-5, atol=1e-5)
+        assert_packed_matches_hf(model, ids, ref, m.vocab_size)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -180,7 +180,7 @@ def test_slime_qwen3_30b_a3b_flags_parse_and_match_the_hf_config(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.usefixtures("parallel")
 def test_logits_match_transformers(checkpoints, family):
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_helpers import assert_packed_matches_hf
     from transformers import AutoModelForCausalLM
 
     from slime.backends.megatron_utils.hf_weights import hf_to_mcore
@@ -196,12 +196,7 @@ def test_logits_match_transformers(checkpoints, family):
         ours = model(ids, torch.arange(33).expand(2, 33), attention_mask=None)[..., : m.vocab_size]
         torch.testing.assert_close(ours, ref(ids).logits, rtol=1e-5, atol=1e-5)
         # Packed (THD): routing is per token, so samples stay independent as in separate HF calls.
-        cu = torch.tensor([0, 5, 22, 33], dtype=torch.int32)
-        pos = torch.cat([torch.arange(n) for n in (5, 17, 11)])[None]
-        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=17, max_seqlen_kv=17)
-        packed = model(ids[:1], pos, attention_mask=None, packed_seq_params=psp)[0, :, : m.vocab_size]
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            torch.testing.assert_close(packed[s:e], ref(ids[:1, s:e]).logits[0], rtol=1e-5, atol=1e-5)
+        assert_packed_matches_hf(model, ids, ref, m.vocab_size)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -36,14 +36,11 @@ class TrainRayActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is 0.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        import torch
-
         from slime.backends.megatron_utils.actor import MegatronActor
-        from slime.backends.megatron_utils.arguments import actor_config_from_args, resolve_attention_backend
+        from slime.backends.megatron_utils.arguments import actor_config_from_args
         from slime.backends.megatron_utils.checkpoint import has_checkpoint
 
         cfg = actor_config_from_args(args, total_steps)
-        _, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
         self.actor = MegatronActor(
             cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, cfg.algorithm, cfg.cross_entropy, cfg.throughput
         )
@@ -56,8 +53,7 @@ class TrainRayActor:
             self.actor.load_dist(args.ref_load)
         else:
             self.actor.load_hf(args.hf_checkpoint)
-        attention = f"attention: --attention-backend {args.attention_backend} -> {cfg.build.attention_backend} ({why})"
-        return {"dp_rank": self.actor.info.dp_rank, "dp_size": self.actor.info.dp_size, "state": state, "attention": attention}
+        return {"dp_rank": self.actor.info.dp_rank, "dp_size": self.actor.info.dp_size, "state": state, "attention": cfg.attention_note}
 
     def train(self, rollout_id: int, steps: list) -> list[dict]:
         return [dict(m, rollout_id=rollout_id) for m in self.actor.train_rollout(steps)]

@@ -19,11 +19,8 @@ def flatten_groups(groups: list) -> list[Sample]:
 
 
 def scalar_reward(sample: Sample, reward_key: str | None):
-    if sample.reward is None:
-        return None
-    if reward_key:
-        return sample.reward[reward_key]
-    return sample.reward
+    """The sample's scalar reward under ``reward_key`` (`Sample.reward_for_key`); None if unscored."""
+    return None if sample.reward is None else sample.reward_for_key(reward_key)
 
 
 def rollout_metrics(samples: list[Sample], reward_key: str | None, prefix: str) -> dict[str, float]:

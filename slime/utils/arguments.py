@@ -201,9 +201,10 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
             raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
         if args.colocate or args.rollout_num_gpus:
             raise ValueError("--colocate/--rollout-num-gpus configure inference engines, which SFT does not start")
-        defaults = (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1))
-        for flag, value, _ in [d for d in defaults if d[1] != d[2]]:
-            log.warning("%s %s is an RL sampling flag: SFT generates nothing, so it has no effect", flag, value)
+        sampling = (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1))
+        for flag, value, default in sampling:
+            if value != default:
+                log.warning("%s %s is an RL sampling flag: SFT generates nothing, so it has no effect", flag, value)
         if not args.debug_train_only:
             log.info("SFT starts no inference engine (as with --debug-train-only)")
     else:

@@ -56,7 +56,10 @@ class Sample:
 
     def get_reward_value(self, args) -> float:
         """The scalar reward: ``reward`` itself, or ``reward[args.reward_key]`` for dict rewards."""
-        key = getattr(args, "reward_key", None)
+        return self.reward_for_key(getattr(args, "reward_key", None))
+
+    def reward_for_key(self, key: str | None):
+        """``reward`` itself, or ``reward[key]`` for dict rewards (a clear KeyError when absent)."""
         if not key:
             return self.reward
         if not isinstance(self.reward, dict) or key not in self.reward:

@@ -166,6 +166,7 @@ class ActorConfig:
     algorithm: object = None  # slime.algorithms.config.AlgorithmConfig
     cross_entropy: object = None  # lean_ce.CrossEntropyConfig
     throughput: object = None  # throughput.ThroughputConfig
+    attention_note: str = ""  # which attention path --attention-backend resolved to, and why
 
 
 def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorConfig:
@@ -180,7 +181,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
     from slime.backends.megatron_utils.throughput import ThroughputConfig
 
     check_parallel_sizes(args)
-    backend, _ = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
+    backend, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
     return ActorConfig(
         model=resolve_model_args(args),
         build=ModelBuildArgs(
@@ -229,4 +230,5 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
         algorithm=AlgorithmConfig.from_args(args),
         cross_entropy=CrossEntropyConfig.from_args(args),
         throughput=ThroughputConfig.from_args(args),
+        attention_note=f"attention: --attention-backend {args.attention_backend} -> {backend} ({why})",
     )
