@@ -81,7 +81,7 @@ class MegatronActor:
         self.loss_fn = resolve_loss(train.loss_type, train.custom_loss_function_path)
         self.cross_entropy = cross_entropy or CrossEntropyConfig()
         self.throughput = throughput or ThroughputConfig()
-        self.info = init_parallel(build.tensor_model_parallel_size, seed=train.seed)
+        self.info = init_parallel(build.layout, seed=train.seed)
         if train.global_batch_size % self.info.dp_size:
             raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")
         cuda = torch.cuda.is_available()

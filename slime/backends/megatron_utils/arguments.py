@@ -35,10 +35,24 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     for flag in ("--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size"):
-        g.add_argument(flag, type=int, default=1, help="1 only for now; larger sizes are refused at start-up")
+        g.add_argument(flag, type=int, default=1)
     g.add_argument(
-        "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; 1 (or unset) for now, larger is refused"
+        "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; default: the tensor parallel size"
     )
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="interleaved pipeline: layers per model chunk (Megatron-LM)",
+    )
+    g.add_argument(
+        "--num-virtual-stages-per-pipeline-rank",
+        type=int,
+        default=None,
+        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same)",
+    )
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first stage")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, help="layers of the last stage")
     g.add_argument("--bf16", action="store_true", help="bf16 params and activations (CUDA); CPU runs are fp32")
     g.add_argument(
         "--accumulate-allreduce-grads-in-fp32",
@@ -117,6 +131,33 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
             )
 
 
+def virtual_pipeline_size(args: argparse.Namespace, num_layers: int) -> int | None:
+    """Model chunks per pipeline rank from ``--num-virtual-stages-per-pipeline-rank`` or
+    ``--num-layers-per-virtual-pipeline-stage`` (None: no interleaving)."""
+    pp = args.pipeline_model_parallel_size
+    per_stage, chunks = args.num_layers_per_virtual_pipeline_stage, args.num_virtual_stages_per_pipeline_rank
+    if per_stage is not None and chunks is not None:
+        raise ValueError("give --num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-rank, not both")
+    if chunks is not None:
+        return chunks if chunks > 1 else None
+    if per_stage is None:
+        return None
+    if per_stage < 1:
+        raise ValueError(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {per_stage}")
+    # Uneven first/last stages take their layers out before the rest is split evenly.
+    rest, stages = num_layers, pp
+    for n in (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers):
+        if n is not None:
+            rest, stages = rest - n, stages - 1
+    if stages < 1 or rest % (stages * per_stage):
+        raise ValueError(
+            f"--num-layers-per-virtual-pipeline-stage {per_stage}: the {rest} layers left for {stages} even "
+            f"pipeline stage(s) do not split into chunks of {per_stage}"
+        )
+    chunks = rest // (stages * per_stage)
+    return chunks if chunks > 1 else None
+
+
 def resolve_loss_type(args: argparse.Namespace) -> str:
     """``--loss-type``, or its default for the rollout: sft_loss for SFT, policy_loss for RL."""
     if args.loss_type:
@@ -182,10 +223,18 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
 
     check_parallel_sizes(args)
     backend, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
+    model = resolve_model_args(args)
     return ActorConfig(
-        model=resolve_model_args(args),
+        model=model,
         build=ModelBuildArgs(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_size(args, model.num_layers),
+            decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+            decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+            context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,

@@ -29,9 +29,20 @@ class ModelBuildArgs:
     attention_softmax_in_fp32: attention scores/softmax in fp32 (``--attention-softmax-in-fp32``).
     attention_backend: `attention.BACKENDS` (sdpa reference, flex / varlen fast paths).
     recompute_*: Megatron-LM's activation recomputation flags.
+    pipeline_model_parallel_size / virtual_pipeline_model_parallel_size /
+    decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers: pipeline stages
+        (``--num-layers-per-virtual-pipeline-stage`` is turned into the virtual size by the parser).
+    context_parallel_size, expert_model_parallel_size, expert_tensor_parallel_size: see `layout`.
     """
 
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
     sequence_parallel: bool = False
     bf16: bool = False
     grad_reduce_in_fp32: bool = True
@@ -54,6 +65,21 @@ class ModelBuildArgs:
             raise ValueError("--recompute-granularity full needs --recompute-method uniform|block")
         if self.recompute_granularity == "full" and not self.recompute_num_layers:
             raise ValueError("--recompute-granularity full needs --recompute-num-layers")
+        self.layout  # noqa: B018 -- validates the parallel sizes
+
+    @property
+    def layout(self):
+        """The `parallel.ParallelLayout` these sizes describe."""
+        from slime.backends.megatron_utils.parallel import ParallelLayout
+
+        return ParallelLayout(
+            tensor=self.tensor_model_parallel_size,
+            pipeline=self.pipeline_model_parallel_size,
+            virtual_pipeline=self.virtual_pipeline_model_parallel_size,
+            context=self.context_parallel_size,
+            expert=self.expert_model_parallel_size,
+            expert_tensor=self.expert_tensor_parallel_size,
+        )
 
 
 def transformer_config(model: ModelArgs, build: ModelBuildArgs):

@@ -17,11 +17,48 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelInfo", "destroy_parallel", "init_parallel", "seed_everything"]
+__all__ = ["ParallelInfo", "ParallelLayout", "destroy_parallel", "init_parallel", "seed_everything"]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the ranks are split (Megatron-LM's flags); data parallelism takes the rest.
+
+    tensor / pipeline / context: ``--tensor-model-parallel-size``, ``--pipeline-model-parallel-size``,
+    ``--context-parallel-size``; their product must divide the world size.
+    virtual_pipeline: model chunks per pipeline rank (interleaved schedule), None = 1.
+    expert / expert_tensor: ``--expert-model-parallel-size``, ``--expert-tensor-parallel-size``
+    (MoE; None = megatron's default, the tensor size).
+    """
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+    context: int = 1
+    expert: int = 1
+    expert_tensor: int | None = None
+
+    def __post_init__(self):
+        for name in ("tensor", "pipeline", "context", "expert"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} parallel size must be >= 1, got {getattr(self, name)}")
+        if self.virtual_pipeline is not None and self.virtual_pipeline < 1:
+            raise ValueError(f"virtual pipeline size must be >= 1, got {self.virtual_pipeline}")
+        if self.virtual_pipeline not in (None, 1) and self.pipeline == 1:
+            raise ValueError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
+        if self.expert_tensor is not None and self.expert_tensor < 1:
+            raise ValueError(f"expert tensor parallel size must be >= 1, got {self.expert_tensor}")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks holding one copy of the (dense) model: TP x PP x CP."""
+        return self.tensor * self.pipeline * self.context
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
+    """This rank's place in the layout (sizes and ranks of each parallel group)."""
+
     rank: int
     world_size: int
     tp_size: int
@@ -29,6 +66,21 @@ class ParallelInfo:
     dp_size: int
     dp_rank: int
     device: torch.device
+    pp_size: int = 1
+    pp_rank: int = 0
+    vpp_size: int = 1
+    cp_size: int = 1
+    cp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
 
 def seed_everything(seed: int) -> None:
@@ -41,7 +93,8 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def init_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, timeout_minutes: int = 10) -> ParallelInfo:
+def init_parallel(layout: ParallelLayout | None = None, seed: int = 1234, timeout_minutes: int = 10) -> ParallelInfo:
+    """Join (or start) the process group and set megatron's parallel state for ``layout``."""
     import datetime
 
     import torch.distributed as dist
@@ -72,11 +125,22 @@ def init_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, timeout
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    layout = layout or ParallelLayout()
     world = dist.get_world_size()
-    if world % tensor_model_parallel_size:
-        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size {tensor_model_parallel_size}")
+    if world % layout.model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by TP x PP x CP = {layout.tensor} x {layout.pipeline} x "
+            f"{layout.context} (--tensor/--pipeline/--context-model-parallel-size)"
+        )
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tensor,
+            pipeline_model_parallel_size=layout.pipeline,
+            virtual_pipeline_model_parallel_size=layout.virtual_pipeline if layout.pipeline > 1 else None,
+            context_parallel_size=layout.context,
+            expert_model_parallel_size=layout.expert,
+            expert_tensor_parallel_size=layout.expert_tensor,
+        )
     seed_everything(seed)
     info = ParallelInfo(
         rank=dist.get_rank(),
@@ -86,8 +150,19 @@ def init_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, timeout
         dp_size=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        vpp_size=layout.virtual_pipeline or 1,
+        cp_size=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
     )
-    logger.info("rank %d/%d: tp %d/%d, dp %d/%d on %s", info.rank, world, info.tp_rank, info.tp_size, info.dp_rank, info.dp_size, info.device)
+    logger.info(
+        "rank %d/%d: tp %d/%d, pp %d/%d, cp %d/%d, ep %d/%d, dp %d/%d on %s",
+        info.rank, world, info.tp_rank, info.tp_size, info.pp_rank, info.pp_size, info.cp_rank, info.cp_size,
+        info.ep_rank, info.ep_size, info.dp_rank, info.dp_size, info.device,
+    )  # fmt: skip
     return info
 
 
