@@ -177,3 +177,11 @@ def assert_packed_matches_hf(model, ids, ref, vocab_size: int, lens=(5, 17, 11))
     for s, e in itertools.pairwise(bounds):
         torch.testing.assert_close(packed[s:e], ref(ids[:1, s:e]).logits[0], rtol=1e-5, atol=1e-5)
 
+
+
+def local_layer_spec(args, config, vp_stage):
+    """A ``--spec`` function as a user writes one: megatron's own local layer spec (its
+    DotProductAttention, which the model provider replaces by the packed core attention)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
