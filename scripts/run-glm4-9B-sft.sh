@@ -41,16 +41,16 @@ SFT_ARGS=(
    --debug-train-only
 )
 
-# slime's GLM4 script runs TP 2 x CP 2; context parallelism is not built yet, so TP 2 and data
-# parallelism over the other GPUs. Optimizer states can go to host memory on GPUs
-# (--optimizer-cpu-offload, megatron-core's HybridDeviceOptimizer) when memory is short.
+# slime's GLM4 script runs TP 2 x CP 2 with --sequence-parallel; context parallelism is not built
+# yet, so TP 2 and data parallelism over the other GPUs. No --sequence-parallel: megatron-core's
+# local layer spec norms (torch RMSNorm) refuse it. Optimizer states can go to host memory
+# (--optimizer-cpu-offload, megatron-core's HybridDeviceOptimizer) when GPU memory is short.
 PERF_ARGS=(
    --tensor-model-parallel-size 2
    --pipeline-model-parallel-size 1
    --context-parallel-size 1
    --expert-model-parallel-size 1
    --expert-tensor-parallel-size 1
-   --sequence-parallel
    --bf16
    --recompute-granularity full
    --recompute-method uniform
