@@ -92,7 +92,8 @@ TRAIN_CMD=(python3 "${ROOT}/train_async.py" "${MODEL_ARGS[@]}" "${CKPT_ARGS[@]}"
 if [ -n "${DRY_RUN:-}" ]; then printf '%s\n' "${TRAIN_CMD[@]:2}"; exit 0; fi
 
 if [ ! -f "${OUT}/GLM-Z1-9B-0414_torch_dist/latest_checkpointed_iteration.txt" ]; then
-  python3 "${ROOT}/tools/convert_hf_to_torch_dist.py" --hf-checkpoint "${HF_DIR}" --save "${OUT}/GLM-Z1-9B-0414_torch_dist" "${MODEL_ARGS[@]}"
+  python3 "${ROOT}/tools/convert_hf_to_torch_dist.py" --hf-checkpoint "${HF_DIR}" \
+     --save "${OUT}/GLM-Z1-9B-0414_torch_dist" "${MODEL_ARGS[@]}"
 fi
 
 source "${ROOT}/scripts/ray_local.sh"

@@ -46,7 +46,8 @@ def make_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
         # there (here 2), FFN ~3.3x hidden, half of each head rotated, QKV bias, untied output.
         glm = dict(common, intermediate_size=208, rms_norm_eps=1e-5)
         cfg = Glm4Config(
-            **glm, head_dim=16, partial_rotary_factor=0.5, rope_theta=10000.0, attention_bias=True, tie_word_embeddings=False,
+            **glm, head_dim=16, partial_rotary_factor=0.5, rope_theta=10000.0, attention_bias=True,
+            tie_word_embeddings=False,
             pad_token_id=None, eos_token_id=None,  # the 151k-vocab ids do not exist in 300 tokens
         )
         cls = Glm4ForCausalLM

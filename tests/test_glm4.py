@@ -94,9 +94,18 @@ def test_flags_derived_from_config_and_conflicts_named(glm4, tmp_path):
         with pytest.raises(ModelConfigError, match=f"{flag} is True but .* implies False"):
             resolve("--hf-checkpoint", qwen3, flag)
     # A config.json without GLM4's optional keys takes transformers' Glm4Config defaults.
-    sparse = resolve("--hf-checkpoint", config_dir(tmp_path / "g", "glm4-9B", ("partial_rotary_factor", "attention_bias")))
+    sparse = resolve(
+        "--hf-checkpoint", config_dir(tmp_path / "g", "glm4-9B", ("partial_rotary_factor", "attention_bias"))
+    )
     assert sparse.rotary_percent == 0.5 and sparse.add_qkv_bias
-    base = dict(num_layers=1, hidden_size=24, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=4, vocab_size=8)
+    base = {
+        "num_layers": 1,
+        "hidden_size": 24,
+        "ffn_hidden_size": 48,
+        "num_attention_heads": 4,
+        "num_query_groups": 4,
+        "vocab_size": 8,
+    }
     with pytest.raises(ModelConfigError, match="--rotary-percent 0.5 of --kv-channels 6 rotates 3 dims"):
         ModelArgs(**base, kv_channels=6, rotary_percent=0.5)
 
@@ -109,14 +118,21 @@ def test_slime_glm4_script_flags_parse_and_match_the_hf_config(tmp_path):
     from slime.utils.arguments import get_parser, validate_trainer_args
 
     hf = config_dir(tmp_path, "glm4-9B")
-    theirs = get_parser().parse_args(["--hf-checkpoint", str(hf), *SLIME_GLM4_9B, *SLIME_GLM4_9B_OPTIMIZER, "--rollout-batch-size", "8"])
+    theirs = get_parser().parse_args(
+        ["--hf-checkpoint", str(hf), *SLIME_GLM4_9B, *SLIME_GLM4_9B_OPTIMIZER, "--rollout-batch-size", "8"]
+    )
     cfg = actor_config_from_args(theirs, total_steps=10)
     ours = resolve("--hf-checkpoint", hf, *script_args("glm4-9B"))
     assert cfg.model == ours and ours.spec == GLM4_SPEC and ours.max_position_embeddings == 32768
     assert (cfg.optim.adam_beta2, cfg.optim.optimizer_cpu_offload) == (0.98, False)
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"), HF_DIR=str(hf))
     flags = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "run-glm4-9B-sft.sh")], env=env, capture_output=True, text=True, check=True, timeout=60
+        ["bash", str(ROOT / "scripts" / "run-glm4-9B-sft.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.splitlines()
     args = get_parser().parse_args(flags)
     cfg = actor_config_from_args(args, total_steps=10)
@@ -139,12 +155,12 @@ def test_slime_qwen3_30b_a3b_optimizer_offload_flags(caplog):
     optim = actor_config_from_args(get_parser().parse_args(argv + ["--rollout-batch-size", "8"]), 10).optim
     assert optim.optimizer_cpu_offload and optim.overlap_cpu_optimizer_d2h_h2d and optim.use_precision_aware_optimizer
     on_gpu = optim.offload_config(cuda=True, te_installed=True)
-    assert on_gpu == dict(
-        optimizer_cpu_offload=True,
-        optimizer_offload_fraction=1.0,
-        overlap_cpu_optimizer_d2h_h2d=True,
-        use_precision_aware_optimizer=True,
-    )
+    assert on_gpu == {
+        "optimizer_cpu_offload": True,
+        "optimizer_offload_fraction": 1.0,
+        "overlap_cpu_optimizer_d2h_h2d": True,
+        "use_precision_aware_optimizer": True,
+    }
     # megatron-core takes the offload fields as they are (precision-aware needs TE to be checked).
     offload = {k: v for k, v in on_gpu.items() if k != "use_precision_aware_optimizer"}
     OptimizerConfig(optimizer="adam", bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True, **offload)
@@ -199,9 +215,13 @@ def test_spec_paths_resolve_and_build(glm4, tmp_path):
     assert torch.equal(user, logits(qwen2)[1])
     with pytest.raises(ModelConfigError, match=r"--spec no_such_pkg\.mod fn: cannot import module 'no_such_pkg\.mod'"):
         check_spec(["no_such_pkg.mod", "fn"])
-    with pytest.raises(ModelConfigError, match="--spec megatron_helpers nope: module 'megatron_helpers' has no attribute"):
+    with pytest.raises(
+        ModelConfigError, match="--spec megatron_helpers nope: module 'megatron_helpers' has no attribute"
+    ):
         check_spec(["megatron_helpers", "nope"])
-    args = get_parser().parse_args(["--hf-checkpoint", str(glm4), "--spec", "slime_plugins.models.glm5", "get_glm_spec"])
+    args = get_parser().parse_args(
+        ["--hf-checkpoint", str(glm4), "--spec", "slime_plugins.models.glm5", "get_glm_spec"]
+    )
     with pytest.raises(ModelConfigError, match="--spec slime_plugins.models.glm5 get_glm_spec: cannot import"):
         validate_trainer_args(argparse.Namespace(**{**vars(args), "rollout_batch_size": 8, "num_epoch": 1}))
 
@@ -230,7 +250,10 @@ def test_sft_steps_match_transformers_and_lower_the_loss(glm4, caplog):
     loss, grads = actor.gradients(samples)
     model, log_probs, _ = hf_response_log_probs(glm4, samples, requires_grad=True)
     total = sum(sum(s["loss_mask"]) for s in samples)
-    ref = -sum((lp * torch.tensor(s["loss_mask"], dtype=torch.float64)).sum() for s, lp in zip(samples, log_probs)) / total
+    ref = (
+        -sum((lp * torch.tensor(s["loss_mask"], dtype=torch.float64)).sum() for s, lp in zip(samples, log_probs))
+        / total
+    )
     ref.backward()
     ours = actor.gather_hf(grads)
     assert set(ours) == {k for k, _ in model.named_parameters()}
@@ -253,7 +276,10 @@ def test_torch_dist_round_trip(glm4, tmp_path):
     model = build_gpt_model(m, ModelBuildArgs())
     model.load_state_dict(hf_to_mcore(load_hf_state_dict(str(glm4)), m), strict=False)
     want = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    assert "decoder.layers.1.post_mlp_layernorm.weight" in want and "decoder.layers.0.post_self_attn_layernorm.weight" in want
+    assert (
+        "decoder.layers.1.post_mlp_layernorm.weight" in want
+        and "decoder.layers.0.post_self_attn_layernorm.weight" in want
+    )
     save_model_weights(model, str(tmp_path / "ckpt"), iteration=0)
     with torch.no_grad():
         for p in model.parameters():

@@ -27,8 +27,8 @@ HF_CONFIGS = {
     ),
     # GLM-Z1-9B-0414 (GLM-4-9B-0414 has the same architecture keys).
     "glm4-9B": dict(
-        model_type="glm4", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, num_hidden_layers=40, hidden_size=4096,
-        intermediate_size=13696, num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
+        model_type="glm4", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, num_hidden_layers=40,
+        hidden_size=4096, intermediate_size=13696, num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
         attention_bias=True, vocab_size=151552, tie_word_embeddings=False, max_position_embeddings=32768,
     ),
     "llama3.1-8B": dict(

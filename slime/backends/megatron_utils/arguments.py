@@ -95,7 +95,9 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument(
-        "--optimizer-cpu-offload", action="store_true", help="optimizer states and step on the CPU (CUDA runs)"
+        "--optimizer-cpu-offload",
+        action="store_true",
+        help="optimizer states and step in host memory (megatron-core's HybridDeviceOptimizer; CUDA only)",
     )
     g.add_argument(
         "--optimizer-offload-fraction", type=float, default=1.0, help="share of the optimizer states offloaded"
@@ -103,12 +105,12 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument(
         "--overlap-cpu-optimizer-d2h-h2d",
         action="store_true",
-        help="overlap the offloaded step with its device<->host copies (CUDA runs)",
+        help="overlap the offloaded step with its device<->host copies (CUDA only)",
     )
     g.add_argument(
         "--use-precision-aware-optimizer",
         action="store_true",
-        help="megatron-core's precision-aware Adam (CUDA runs, distributed optimizer)",
+        help="megatron-core's precision-aware Adam (CUDA only; needs Transformer Engine unless offloading)",
     )
     g.add_argument("--seed", type=int, default=1234)
     from slime.backends.megatron_utils.loss_config import add_loss_arguments

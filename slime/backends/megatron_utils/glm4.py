@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -43,8 +43,8 @@ __all__ = ["Glm4LayerSubmodules", "Glm4TransformerLayer", "get_glm_spec", "glm4_
 class Glm4LayerSubmodules(TransformerLayerSubmodules):
     """megatron's layer submodules plus the norms on the attention and MLP outputs."""
 
-    post_self_attn_layernorm: Union[ModuleSpec, type] = IdentityOp
-    post_mlp_layernorm: Union[ModuleSpec, type] = IdentityOp
+    post_self_attn_layernorm: ModuleSpec | type = IdentityOp
+    post_mlp_layernorm: ModuleSpec | type = IdentityOp
 
 
 def _normed_bda(norm, bda):
@@ -73,7 +73,11 @@ class Glm4TransformerLayer(TransformerLayer):
             # That path adds the residual inside linear_proj / linear_fc2, before any output norm.
             raise ValueError("GLM4 sandwich norms do not support inference_fuse_tp_communication")
         super().__init__(config, submodules, *args, **kwargs)
-        norm_kwargs = dict(config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
+        norm_kwargs = {
+            "config": self.config,
+            "hidden_size": self.config.hidden_size,
+            "eps": self.config.layernorm_epsilon,
+        }
         self.post_self_attn_layernorm = build_module(submodules.post_self_attn_layernorm, **norm_kwargs)
         self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_kwargs)
         if not isinstance(self.post_self_attn_layernorm, IdentityOp):
@@ -98,7 +102,7 @@ def glm4_layer_spec(normalization: str, qk_layernorm: bool, post_self_attn: bool
     return ModuleSpec(module=Glm4TransformerLayer, params=dict(base.params), submodules=submodules)
 
 
-def get_glm_spec(args: "ModelArgs", config, vp_stage=None) -> ModuleSpec:
+def get_glm_spec(args: ModelArgs, config, vp_stage=None) -> ModuleSpec:
     """The GLM4 layer spec (slime's ``get_glm_spec(args, config, vp_stage)``); ``args`` is the
     model's `ModelArgs`. The model provider puts its packed core attention in."""
     if args.num_experts is not None:

@@ -106,8 +106,8 @@ class ModelArgs:
         rotary_dim = int(self.kv_channels * self.rotary_percent)
         if rotary_dim < 2 or rotary_dim % 2:
             raise ModelConfigError(
-                f"--rotary-percent {self.rotary_percent} of --kv-channels {self.kv_channels} rotates {rotary_dim} dims; "
-                "RoPE needs an even number >= 2"
+                f"--rotary-percent {self.rotary_percent} of --kv-channels {self.kv_channels} "
+                f"rotates {rotary_dim} dims; RoPE needs an even number >= 2"
             )
         check_moe_fields(self)
 

@@ -135,7 +135,8 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None):
             model.normalization, model.qk_layernorm, model.post_self_attn_layernorm, model.post_mlp_layernorm
         )
     else:
-        spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization))
+        local = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+        spec = copy.deepcopy(local)
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 

@@ -64,7 +64,7 @@ class OptimizerArgs:
         if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
             raise ValueError(f"--optimizer-offload-fraction must be in [0, 1], got {self.optimizer_offload_fraction}")
         if self.use_precision_aware_optimizer and self.optimizer != "adam":
-            raise ValueError("--use-precision-aware-optimizer needs --optimizer adam (megatron-core's precision-aware Adam)")
+            raise ValueError("--use-precision-aware-optimizer needs --optimizer adam (megatron's precision-aware Adam)")
 
     def offload_config(self, cuda: bool, te_installed: bool = True) -> dict:
         """OptimizerConfig fields of the CPU offload / precision-aware flags: as given on CUDA;
