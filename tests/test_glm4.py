@@ -231,8 +231,11 @@ def test_spec_paths_resolve_and_build(glm4, tmp_path):
 def test_sft_steps_match_transformers_and_lower_the_loss(glm4, caplog):
     """One SFT step on four samples packed in one THD row: loss and every gradient (sandwich
     norms, QKV bias, fused gate/up included) equal transformers' in float64; five steps lower
-    the loss. The optimizer offload flags are on: on CPU they change nothing (logged)."""
+    the loss; full recomputation (slime's GLM4 scripts use it) gives bit-identical gradients.
+    The optimizer offload flags are on: on CPU they change nothing (logged)."""
+    from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
     from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.optimizer import OptimizerArgs
 
     samples = synthetic_samples(4, 300, seed=3)
@@ -260,6 +263,12 @@ def test_sft_steps_match_transformers_and_lower_the_loss(glm4, caplog):
     assert loss == pytest.approx(float(ref), rel=1e-5)
     for k, p in model.named_parameters():
         torch.testing.assert_close(ours[k].double(), p.grad, rtol=1e-4, atol=1e-7, msg=k)
+    recompute = ModelBuildArgs(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    again = MegatronActor(actor.model_args, recompute, batching, optim, TrainArgs(global_batch_size=4, total_steps=1))
+    again.load_hf(str(glm4))
+    loss2, grads2 = again.gradients(samples)
+    assert again.model.module.config.recompute_granularity == "full"
+    assert loss2 == loss and all(torch.equal(g, grads2[k]) for k, g in grads.items())
     losses = [actor.train_step(samples)["loss"] for _ in range(5)]
     assert losses[0] == pytest.approx(float(ref), rel=1e-5)
     assert losses[-1] < losses[0] - 0.1, losses

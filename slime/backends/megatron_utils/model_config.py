@@ -130,7 +130,7 @@ def hf_model_args(hf_dir: str) -> dict:
     """The ModelArgs fields implied by a HF config.json (Qwen3, Qwen2, Llama, GLM4; Qwen3-/Qwen2-MoE).
 
     GLM4 keys absent from a config.json take `transformers.Glm4Config`'s defaults
-    (``partial_rotary_factor`` 0.5, ``attention_bias`` true)."""
+    (``partial_rotary_factor`` 0.5, ``attention_bias`` true, ``rms_norm_eps`` 1.5625e-7)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ModelConfigError(f"--hf-checkpoint {hf_dir!r} has no config.json")
@@ -155,7 +155,7 @@ def hf_model_args(hf_dir: str) -> dict:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         swiglu=True,
         normalization="RMSNorm",
-        norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
+        norm_epsilon=cfg.get("rms_norm_eps", 1.5625e-7 if glm4 else 1e-6),
         rotary_base=float(cfg.get("rope_theta", 10000.0)),
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         add_bias_linear=bool(cfg.get("mlp_bias", False)),
