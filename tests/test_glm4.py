@@ -108,6 +108,8 @@ def test_flags_derived_from_config_and_conflicts_named(glm4, tmp_path):
     }
     with pytest.raises(ModelConfigError, match="--rotary-percent 0.5 of --kv-channels 6 rotates 3 dims"):
         ModelArgs(**base, kv_channels=6, rotary_percent=0.5)
+    with pytest.raises(ModelConfigError, match="--post-mlp-layernorm: not built for MoE layers"):
+        ModelArgs(**base, kv_channels=6, post_mlp_layernorm=True, num_experts=4)
 
 
 def test_slime_glm4_script_flags_parse_and_match_the_hf_config(tmp_path):

@@ -109,6 +109,8 @@ class ModelArgs:
                 f"--rotary-percent {self.rotary_percent} of --kv-channels {self.kv_channels} "
                 f"rotates {rotary_dim} dims; RoPE needs an even number >= 2"
             )
+        if (self.post_self_attn_layernorm or self.post_mlp_layernorm) and self.num_experts is not None:
+            raise ModelConfigError("--post-self-attn-layernorm / --post-mlp-layernorm: not built for MoE layers yet")
         check_moe_fields(self)
 
     @property

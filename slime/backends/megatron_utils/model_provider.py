@@ -123,8 +123,6 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None):
     if model.is_moe:
         from slime.backends.megatron_utils.moe_layers import moe_block_spec
 
-        if sandwich:
-            raise ValueError("--post-self-attn-layernorm / --post-mlp-layernorm are not supported with MoE layers")
         if config is None:
             raise ValueError("a MoE layer spec needs the TransformerConfig")
         return moe_block_spec(config, model, core_attention)
