@@ -7,11 +7,20 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen3", "qwen2", "llama")
+FAMILIES = ("qwen3", "qwen2", "llama", "glm4")
 
 
 def make_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        Glm4Config,
+        Glm4ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     common = dict(
         vocab_size=300,
@@ -32,6 +41,16 @@ def make_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
                    "original_max_position_embeddings": 8192}
         cfg = LlamaConfig(**common, rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=False)
         cls = LlamaForCausalLM
+    elif family == "glm4":
+        # GLM-Z1-9B-0414 scaled down: hidden = heads x head_dim, 16 query heads per KV group
+        # there (here 2), FFN ~3.3x hidden, half of each head rotated, QKV bias, untied output.
+        glm = dict(common, intermediate_size=208, rms_norm_eps=1e-5)
+        cfg = Glm4Config(
+            **glm, head_dim=16, partial_rotary_factor=0.5, rope_theta=10000.0, attention_bias=True,
+            tie_word_embeddings=False,
+            pad_token_id=None, eos_token_id=None,  # the 151k-vocab ids do not exist in 300 tokens
+        )
+        cls = Glm4ForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
@@ -159,3 +178,11 @@ def assert_packed_matches_hf(model, ids, ref, vocab_size: int, lens=(5, 17, 11))
     for s, e in itertools.pairwise(bounds):
         torch.testing.assert_close(packed[s:e], ref(ids[:1, s:e]).logits[0], rtol=1e-5, atol=1e-5)
 
+
+
+def local_layer_spec(args, config, vp_stage):
+    """A ``--spec`` function as a user writes one: megatron's own local layer spec (its
+    DotProductAttention, which the model provider replaces by the packed core attention)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)

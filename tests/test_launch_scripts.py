@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["run-tiny-sft.sh", "run-qwen3-4B-base-sft.sh", "run-qwen3-30B-A3B-sft.sh"]
+SCRIPTS = ["run-tiny-sft.sh", "run-qwen3-4B-base-sft.sh", "run-qwen3-30B-A3B-sft.sh", "run-glm4-9B-sft.sh"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -25,6 +25,12 @@ HF_CONFIGS = {
         attention_bias=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[],
     ),
+    # GLM-Z1-9B-0414 (GLM-4-9B-0414 has the same architecture keys).
+    "glm4-9B": dict(
+        model_type="glm4", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, num_hidden_layers=40,
+        hidden_size=4096, intermediate_size=13696, num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
+        attention_bias=True, vocab_size=151552, tie_word_embeddings=False, max_position_embeddings=32768,
+    ),
     "llama3.1-8B": dict(
         model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, num_hidden_layers=32, hidden_size=4096,
         intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,

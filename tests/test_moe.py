@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from megatron_helpers import make_hf_checkpoint
 from test_megatron_model import parallel  # noqa: F401  (the world-1 process group, a module fixture)
 from test_model_scripts import HF_CONFIGS, script_args
 
@@ -44,7 +45,8 @@ SLIME_QWEN3_30B_A3B = [
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {f: make_tiny_moe(root / f, f) for f in FAMILIES}
+    # + the tiny dense GLM4: its real TP=2 check shares this module's torchrun world.
+    return {**{f: make_tiny_moe(root / f, f) for f in FAMILIES}, "glm4": make_hf_checkpoint("glm4", root / "glm4")}
 
 
 def _parser():
@@ -234,7 +236,7 @@ def dist_ckpt(parallel, checkpoints, tmp_path_factory):  # noqa: F811 (a fixture
 @pytest.fixture(scope="module")
 def tp2_run(checkpoints, dist_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp2")
-    tokens = torch.randint(0, 800, (29,), generator=torch.Generator().manual_seed(3)).tolist()
+    tokens = torch.randint(0, 300, (29,), generator=torch.Generator().manual_seed(3)).tolist()  # in every vocab
     runs = [
         {"name": "qwen3_moe", "hf_dir": str(checkpoints["qwen3_moe"]), "dispatcher": "alltoall", "dist_ckpt": ""},
         {
@@ -243,6 +245,7 @@ def tp2_run(checkpoints, dist_ckpt, tmp_path_factory):
             "dispatcher": "allgather",
             "dist_ckpt": str(dist_ckpt),
         },
+        {"name": "glm4", "hf_dir": str(checkpoints["glm4"]), "dispatcher": "allgather", "dist_ckpt": ""},
     ]
     torch.save({"runs": runs, "tokens": tokens}, tmp / "in.pt")
     cmd = [
@@ -263,11 +266,11 @@ def tp2_run(checkpoints, dist_ckpt, tmp_path_factory):
     return torch.load(tmp / "out.pt", weights_only=True), tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "glm4"])
 def test_tp2_model_matches_transformers_and_exports_bit_exact(checkpoints, tp2_run, family):
     """Real TP=2 ranks: the sharded weights give HF's logits (experts split by expert-TP, both
-    token dispatchers) and come back bit-exactly through export, weight sync and, for
-    Qwen2-MoE, a TP=1 torch_dist checkpoint resharded to TP=2."""
+    token dispatchers; GLM4's sandwich norms and fused gate/up) and come back bit-exactly
+    through export, weight sync and, for Qwen2-MoE, a TP=1 torch_dist checkpoint resharded to TP=2."""
     from transformers import AutoModelForCausalLM
 
     result, tokens = tp2_run

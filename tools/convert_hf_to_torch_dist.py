@@ -1,4 +1,4 @@
-"""Convert a HF checkpoint (Qwen3, Qwen2/2.5, Llama-3) to a megatron-core torch_dist checkpoint.
+"""Convert a HF checkpoint (Qwen3, Qwen2/2.5, Llama-3, GLM4, Qwen3-/Qwen2-MoE) to a megatron-core torch_dist checkpoint.
 
     python tools/convert_hf_to_torch_dist.py --hf-checkpoint /path/Qwen3-4B --save /path/Qwen3-4B_torch_dist
 

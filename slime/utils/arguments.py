@@ -178,6 +178,9 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     from slime.backends.megatron_utils.arguments import check_parallel_sizes, resolve_loss_type
 
     check_parallel_sizes(args)
+    from slime.backends.megatron_utils.layer_spec_plugin import check_spec
+
+    check_spec(args.spec)  # imports the --spec module now (a typo fails before Ray starts)
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     if world % args.tensor_model_parallel_size:
         raise ValueError(f"{world} ranks are not divisible by --tensor-model-parallel-size {args.tensor_model_parallel_size}")

@@ -108,6 +108,24 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument(
+        "--optimizer-cpu-offload",
+        action="store_true",
+        help="optimizer states and step in host memory (megatron-core's HybridDeviceOptimizer; CUDA only)",
+    )
+    g.add_argument(
+        "--optimizer-offload-fraction", type=float, default=1.0, help="share of the optimizer states offloaded"
+    )
+    g.add_argument(
+        "--overlap-cpu-optimizer-d2h-h2d",
+        action="store_true",
+        help="overlap the offloaded step with its device<->host copies (CUDA only)",
+    )
+    g.add_argument(
+        "--use-precision-aware-optimizer",
+        action="store_true",
+        help="megatron-core's precision-aware Adam (CUDA only; needs Transformer Engine unless offloading)",
+    )
     g.add_argument("--seed", type=int, default=1234)
     from slime.backends.megatron_utils.loss_config import add_loss_arguments
     from slime.backends.megatron_utils.throughput import add_throughput_arguments
@@ -266,6 +284,10 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
             adam_beta2=args.adam_beta2,
             adam_eps=args.adam_eps,
             clip_grad=args.clip_grad,
+            optimizer_cpu_offload=args.optimizer_cpu_offload,
+            optimizer_offload_fraction=args.optimizer_offload_fraction,
+            overlap_cpu_optimizer_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d,
+            use_precision_aware_optimizer=args.use_precision_aware_optimizer,
         ),
         train=TrainArgs(
             global_batch_size=derive_global_batch_size(

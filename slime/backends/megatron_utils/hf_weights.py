@@ -1,10 +1,13 @@
-"""HF <-> megatron-core weights for Qwen3, Qwen2/2.5, Llama-3 and Qwen3-/Qwen2-MoE, any TP size.
+"""HF <-> megatron-core weights for Qwen3, Qwen2/2.5, Llama-3, GLM4 and Qwen3-/Qwen2-MoE, any TP size.
 
 Megatron's names are those of `model_provider.build_gpt_model` (local layer spec). Layouts:
 
 * ``linear_qkv`` rows are grouped per KV group: ``[q (heads/groups * d), k (d), v (d)]`` for
   each group, so a TP rank's shard is a contiguous block of groups;
 * ``linear_fc1`` is ``[gate; up]`` *per rank*: rank r holds ``[gate_r; up_r]``;
+* GLM4 stores the dense MLP's gate and up fused, HF ``gate_up_proj = [gate; up]`` (split into
+  megatron's per-rank layout like the separate ones), and names its output norms as our
+  `glm4` layer does (``post_self_attn_layernorm``, ``post_mlp_layernorm``);
 * row-parallel ``linear_proj`` / ``linear_fc2`` split the input dimension;
 * embedding and output layer are split by vocabulary, padded to ``padded_vocab_size(tp)``
   with zero rows that are dropped again on export;
@@ -34,6 +37,8 @@ _NORMS = {  # megatron suffix -> HF suffix, per layer, replicated on every rank
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "post_self_attn_layernorm.weight": "post_self_attn_layernorm.weight",  # GLM4
+    "post_mlp_layernorm.weight": "post_mlp_layernorm.weight",  # GLM4
 }
 
 
@@ -69,18 +74,31 @@ def _qkv_to_hf(qkv, m: ModelArgs):
     return (x.reshape(-1, *rest).contiguous() for x in (q, k, v))
 
 
+def _fused_gate_up(m: ModelArgs) -> bool:
+    """HF stores the dense MLP as one ``gate_up_proj``: GLM4, the one supported family with
+    output norms (a later family with output norms and split projections needs its own test)."""
+    return m.post_mlp_layernorm
+
+
 def _mlp_to_mcore(hf, hf_prefix: str, out: dict, mc_prefix: str, tp_rank: int, tp_size: int) -> None:
-    """A SwiGLU MLP (``gate_proj``/``up_proj``/``down_proj``) as megatron's fc1 ``[gate_r; up_r]`` / fc2."""
-    gate = _chunk(hf[hf_prefix + "gate_proj.weight"], tp_rank, tp_size)
-    up = _chunk(hf[hf_prefix + "up_proj.weight"], tp_rank, tp_size)
+    """A SwiGLU MLP (``gate_proj``/``up_proj`` or fused ``gate_up_proj``, ``down_proj``) as
+    megatron's fc1 ``[gate_r; up_r]`` / fc2."""
+    if hf_prefix + "gate_up_proj.weight" in hf:
+        gate, up = (_chunk(t, tp_rank, tp_size) for t in hf[hf_prefix + "gate_up_proj.weight"].chunk(2, dim=0))
+    else:
+        gate = _chunk(hf[hf_prefix + "gate_proj.weight"], tp_rank, tp_size)
+        up = _chunk(hf[hf_prefix + "up_proj.weight"], tp_rank, tp_size)
     out[mc_prefix + "linear_fc1.weight"] = torch.cat([gate, up], dim=0)
     out[mc_prefix + "linear_fc2.weight"] = _chunk(hf[hf_prefix + "down_proj.weight"], tp_rank, tp_size, dim=1)
 
 
-def _mlp_to_hf(shards, mc_prefix: str, hf: dict, hf_prefix: str) -> None:
+def _mlp_to_hf(shards, mc_prefix: str, hf: dict, hf_prefix: str, fused: bool = False) -> None:
     gates, ups = zip(*(s[mc_prefix + "linear_fc1.weight"].chunk(2, dim=0) for s in shards))
-    hf[hf_prefix + "gate_proj.weight"] = torch.cat(gates, dim=0)
-    hf[hf_prefix + "up_proj.weight"] = torch.cat(ups, dim=0)
+    if fused:
+        hf[hf_prefix + "gate_up_proj.weight"] = torch.cat([*gates, *ups], dim=0)
+    else:
+        hf[hf_prefix + "gate_proj.weight"] = torch.cat(gates, dim=0)
+        hf[hf_prefix + "up_proj.weight"] = torch.cat(ups, dim=0)
     hf[hf_prefix + "down_proj.weight"] = torch.cat([s[mc_prefix + "linear_fc2.weight"] for s in shards], dim=1)
 
 
@@ -169,7 +187,7 @@ def mcore_to_hf(shards: list[Mapping[str, torch.Tensor]], m: ModelArgs) -> dict[
         if g + "mlp.router.weight" in first:
             _moe_to_hf(shards, g, hf, h, m)
         else:
-            _mlp_to_hf(shards, g + "mlp.", hf, h + "mlp.")
+            _mlp_to_hf(shards, g + "mlp.", hf, h + "mlp.", fused=_fused_gate_up(m))
     hf["model.norm.weight"] = first["decoder.final_layernorm.weight"]
     if m.untie_embeddings_and_output_weights:
         hf["lm_head.weight"] = cat("output_layer.weight")[: m.vocab_size].contiguous()

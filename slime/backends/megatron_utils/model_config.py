@@ -1,7 +1,7 @@
 """Model architecture from Megatron-LM flags and/or a HF config.json, checked against each other.
 
 `ModelArgs` is the typed architecture group. `resolve_model_args` fills every field not given
-on the command line from ``--hf-checkpoint``'s config.json (Qwen3, Qwen2/2.5, Llama-3 dense;
+on the command line from ``--hf-checkpoint``'s config.json (Qwen3, Qwen2/2.5, Llama-3, GLM4 dense;
 Qwen3-MoE and Qwen2-MoE, see `moe_config`), and stops with an error naming the flag and both
 values where a given flag disagrees with the HF config (a wrong ``--rotary-base``, say): a
 silently different architecture would load the weights and train a broken model.
@@ -24,7 +24,7 @@ from slime.backends.megatron_utils.moe_config import (
 
 __all__ = ["ModelArgs", "ModelConfigError", "add_model_arguments", "hf_model_args", "resolve_model_args"]
 
-SUPPORTED_HF = ("qwen3", "qwen2", "llama", "qwen3_moe", "qwen2_moe")
+SUPPORTED_HF = ("qwen3", "qwen2", "llama", "glm4", "qwen3_moe", "qwen2_moe")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class ModelArgs:
     architecture (checked against config.json); the rest are routing/training settings that
     config.json does not hold. ``moe_layer_freq`` is an int N or an explicit 0/1 tuple per
     layer (HF-derived and resolved values are always the tuple).
+
+    GLM4: ``post_self_attn_layernorm`` / ``post_mlp_layernorm`` are its norms on the attention
+    and MLP outputs (`glm4`), ``rotary_interleaved`` its GPT-J-style RoPE pairs. ``spec`` is
+    ``--spec MODULE NAME`` after `layer_spec_plugin.SPEC_ALIASES` (None: the built-in layers).
     """
 
     num_layers: int
@@ -59,6 +63,10 @@ class ModelArgs:
     rope_scaling_factor: float = 8.0
     make_vocab_size_divisible_by: int = 128
     rotary_percent: float = 1.0
+    rotary_interleaved: bool = False
+    post_self_attn_layernorm: bool = False
+    post_mlp_layernorm: bool = False
+    spec: tuple[str, str] | None = None
     # MoE architecture
     num_experts: int | None = None
     moe_ffn_hidden_size: int | None = None
@@ -95,6 +103,14 @@ class ModelArgs:
             raise ModelConfigError(f"--normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ModelConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        rotary_dim = int(self.kv_channels * self.rotary_percent)
+        if rotary_dim < 2 or rotary_dim % 2:
+            raise ModelConfigError(
+                f"--rotary-percent {self.rotary_percent} of --kv-channels {self.kv_channels} "
+                f"rotates {rotary_dim} dims; RoPE needs an even number >= 2"
+            )
+        if (self.post_self_attn_layernorm or self.post_mlp_layernorm) and self.num_experts is not None:
+            raise ModelConfigError("--post-self-attn-layernorm / --post-mlp-layernorm: not built for MoE layers yet")
         check_moe_fields(self)
 
     @property
@@ -113,7 +129,10 @@ class ModelArgs:
 
 
 def hf_model_args(hf_dir: str) -> dict:
-    """The ModelArgs fields implied by a HF config.json (Qwen3, Qwen2, Llama; Qwen3-/Qwen2-MoE)."""
+    """The ModelArgs fields implied by a HF config.json (Qwen3, Qwen2, Llama, GLM4; Qwen3-/Qwen2-MoE).
+
+    GLM4 keys absent from a config.json take `transformers.Glm4Config`'s defaults
+    (``partial_rotary_factor`` 0.5, ``attention_bias`` true, ``rms_norm_eps`` 1.5625e-7)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ModelConfigError(f"--hf-checkpoint {hf_dir!r} has no config.json")
@@ -122,6 +141,7 @@ def hf_model_args(hf_dir: str) -> dict:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF:
         raise ModelConfigError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_HF)})")
+    glm4 = model_type == "glm4"
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if cfg.get("hidden_act", "silu") != "silu":
@@ -137,15 +157,18 @@ def hf_model_args(hf_dir: str) -> dict:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         swiglu=True,
         normalization="RMSNorm",
-        norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
+        norm_epsilon=cfg.get("rms_norm_eps", 1.5625e-7 if glm4 else 1e-6),
         rotary_base=float(cfg.get("rope_theta", 10000.0)),
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         add_bias_linear=bool(cfg.get("mlp_bias", False)),
         add_qkv_bias=model_type == "qwen2"
         or (model_type == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
-        or bool(cfg.get("attention_bias", False)),
+        or bool(cfg.get("attention_bias", glm4)),
         untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
-        rotary_percent=float(cfg.get("partial_rotary_factor", 1.0)),
+        rotary_percent=float(cfg.get("partial_rotary_factor", 0.5 if glm4 else 1.0)),
+        rotary_interleaved=glm4,
+        post_self_attn_layernorm=glm4,
+        post_mlp_layernorm=glm4,
         **hf_moe_args(cfg, path),
     )
     scaling = cfg.get("rope_scaling") or {}
@@ -190,6 +213,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--position-embedding-type", choices=("rope",), default="rope")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="accepted for slime scripts; RoPE is the only choice")
     g.add_argument("--rotary-percent", type=float, default=None, help="fraction of each head's dims rotated (default 1.0)")
+    g.add_argument(
+        "--rotary-interleaved",
+        action="store_true",
+        default=None,
+        help="RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... (GLM4) instead of the two halves",
+    )
+    g.add_argument(
+        "--no-rope-fusion",
+        action="store_true",
+        help="accepted for slime's scripts: RoPE is never fused here (plain torch ops)",
+    )
+    g.add_argument(
+        "--post-self-attn-layernorm", action="store_true", default=None, help="a norm on the attention output (GLM4)"
+    )
+    g.add_argument("--post-mlp-layernorm", action="store_true", default=None, help="a norm on the MLP output (GLM4)")
+    g.add_argument(
+        "--spec",
+        nargs=2,
+        metavar=("MODULE", "NAME"),
+        default=None,
+        help="decoder layer spec: NAME in MODULE, a ModuleSpec or fn(args, config, vp_stage) returning one; "
+        "slime's 'slime_plugins.models.glm4 get_glm_spec' is our GLM4 layer",
+    )
     add_moe_arguments(parser)
     return parser
 
@@ -203,6 +249,10 @@ def _flag_values(args: argparse.Namespace) -> dict:
             given[f.name] = value
     if getattr(args, "disable_bias_linear", None):
         given["add_bias_linear"] = False
+    if "spec" in given:
+        from slime.backends.megatron_utils.layer_spec_plugin import resolve_spec_path
+
+        given["spec"] = resolve_spec_path(given["spec"])
     return given
 
 

@@ -3,7 +3,9 @@
 The local spec's core attention is replaced by `PackedCoreAttention` so packed (THD) batches
 work on every device. Fusions that need apex/TE kernels are off; on CUDA, bf16 training keeps
 fp32 master weights in megatron's optimizer. MoE models (``ModelArgs.num_experts``) get
-megatron's MoE layers where ``--moe-layer-freq`` says, through `moe_layers`.
+megatron's MoE layers where ``--moe-layer-freq`` says, through `moe_layers`. GLM4's sandwich
+norms (``post_self_attn_layernorm`` / ``post_mlp_layernorm``) get `glm4`'s layer; ``--spec``
+(`layer_spec_plugin`) replaces the built-in layer spec with the user's.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
+        rotary_interleaved=model.rotary_interleaved,
         tensor_model_parallel_size=build.tensor_model_parallel_size,
         sequence_parallel=build.sequence_parallel,
         bf16=build.bf16,
@@ -132,21 +135,56 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
 
 def layer_spec(model: ModelArgs, attention_backend: str, config=None):
     """The local layer spec with our core attention; for a MoE model (``config`` needed) the
-    block spec of this pipeline stage, dense and MoE layers per ``--moe-layer-freq``."""
+    block spec of this pipeline stage, dense and MoE layers per ``--moe-layer-freq``; GLM4's
+    layer for sandwich norms; ``--spec``'s layer (``config`` needed) when given."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from slime.backends.megatron_utils.attention import PackedCoreAttention
 
     core_attention = ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
+    sandwich = model.post_self_attn_layernorm or model.post_mlp_layernorm
+    if model.spec is not None:
+        return _user_spec(model, config, core_attention)
     if model.is_moe:
         from slime.backends.megatron_utils.moe_layers import moe_block_spec
 
         if config is None:
             raise ValueError("a MoE layer spec needs the TransformerConfig")
         return moe_block_spec(config, model, core_attention)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization))
+    if sandwich:
+        from slime.backends.megatron_utils.glm4 import glm4_layer_spec
+
+        spec = glm4_layer_spec(
+            model.normalization, model.qk_layernorm, model.post_self_attn_layernorm, model.post_mlp_layernorm
+        )
+    else:
+        local = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+        spec = copy.deepcopy(local)
     spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec
+
+
+def _user_spec(model: ModelArgs, config, core_attention):
+    """``--spec``'s layer (or block) spec. megatron's local ``DotProductAttention`` rejects
+    packed (THD) batches and builds its mask on CUDA: where the spec names it (or ours), our
+    packed core attention with ``--attention-backend`` takes its place; any other core
+    attention (Transformer Engine's, say) is kept as the spec says."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from slime.backends.megatron_utils.attention import PackedCoreAttention
+    from slime.backends.megatron_utils.layer_spec_plugin import load_spec
+
+    if config is None:
+        raise ValueError("--spec needs the TransformerConfig")
+    obj = load_spec(model.spec)
+    spec = copy.deepcopy(obj(model, config, None) if callable(obj) else obj)
+    for layer in getattr(spec, "layer_specs", None) or [spec]:
+        attention = getattr(getattr(layer, "submodules", None), "self_attention", None)
+        sub = getattr(attention, "submodules", None)
+        current = getattr(sub, "core_attention", None)
+        if getattr(current, "module", current) in (DotProductAttention, PackedCoreAttention):
+            sub.core_attention = core_attention
     return spec
 
 
