@@ -52,6 +52,12 @@ def test_slime_sft_script_flags_parse_and_configure_the_actor():
     assert cfg.build.grad_reduce_in_fp32 and cfg.build.attention_softmax_in_fp32
     assert cfg.build.attention_backend == "sdpa"  # this CPU machine: the only CPU training path
     assert cfg.model.num_layers == 36 and cfg.train.global_batch_size == 128
+    # slime's TP-1 script passes --sequence-parallel: off at TP 1 as in Megatron-LM, since
+    # megatron-core's own config refuses it there.
+    from slime.backends.megatron_utils.model_provider import transformer_config
+
+    assert args.sequence_parallel and not cfg.build.sequence_parallel
+    assert transformer_config(cfg.model, cfg.build).sequence_parallel is False
 
 
 @pytest.mark.parametrize(

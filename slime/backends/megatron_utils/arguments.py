@@ -33,7 +33,11 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add_model_arguments(parser)
     g = parser.add_argument_group("training (Megatron-LM names)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="shard activations over the sequence between TP regions (Megatron-LM); off at TP 1, as there",
+    )
     for flag in ("--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size"):
         g.add_argument(flag, type=int, default=1)
     g.add_argument(
@@ -253,7 +257,9 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
             context_parallel_size=args.context_parallel_size,
             expert_model_parallel_size=args.expert_model_parallel_size,
             expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-            sequence_parallel=args.sequence_parallel,
+            # Megatron-LM turns the flag off at TP 1 (megatron-core's config refuses it there);
+            # slime's TP-1 scripts pass it, so do the same.
+            sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
             bf16=args.bf16,
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,
             attention_softmax_in_fp32=args.attention_softmax_in_fp32,
