@@ -129,11 +129,12 @@ def test_bad_setups_fail_fast_before_ray(tmp_path, extra, message):
     assert not ray_processes()
 
 
-def test_unreadable_checkpoint_fails_and_leaves_no_ray(tmp_path):
+def test_unreadable_checkpoint_fails_before_ray(tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "latest_checkpointed_iteration.txt").write_text("5")  # names a missing iteration
     proc = run(base_cmd(save, script="train.py"))
     assert proc.returncode == 1
-    assert "iter_0000005" in proc.stderr
+    assert "--load: " in proc.stderr and "iter_0000005" in proc.stderr
+    assert "slime.ray" not in proc.stderr and "Ray cluster" not in proc.stderr  # stopped before Ray started
     assert not ray_processes()

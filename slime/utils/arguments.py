@@ -230,6 +230,13 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--hf-checkpoint: directory not found: {args.hf_checkpoint}")
     if args.ref_load and not os.path.isdir(args.ref_load):
         raise FileNotFoundError(f"--ref-load: checkpoint directory not found: {args.ref_load}")
+    from slime.backends.megatron_utils.checkpoint import checkpoint_dir, has_checkpoint
+
+    if has_checkpoint(args.load):  # a resume: its tracker must name an iteration that exists
+        try:
+            checkpoint_dir(args.load)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"--load: {e}") from None
 
 
 def get_parser(add_custom_arguments: Callable | None = None, description: str | None = None) -> argparse.ArgumentParser:
