@@ -22,6 +22,7 @@ from slime.backends.megatron_utils.lean_ce import CrossEntropyConfig
 from slime.backends.megatron_utils.loss import LOSSES, LossContext, resolve_loss
 from slime.backends.megatron_utils.model_config import ModelArgs
 from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
+from slime.backends.megatron_utils.offload import TrainerOffload
 from slime.backends.megatron_utils.optimizer import OptimizerArgs, build_optimizer
 from slime.backends.megatron_utils.output_head import OutputHead
 from slime.backends.megatron_utils.parallel import init_parallel
@@ -116,6 +117,7 @@ class MegatronActor:
         self.peak_flops = self.throughput.peak_flops(build.bf16)
         self.step = 0
         self.ref = None  # ReferenceWeights, set by the initial-weight loaders when a KL term needs it
+        self._offload = TrainerOffload()  # --offload-train: the state leaves the device while engines generate
 
     # ----------------------------------------------------------------- weights
     def load_hf(self, hf_dir: str) -> None:
@@ -169,7 +171,17 @@ class MegatronActor:
                 own[name].copy_(tensor)
         self._refresh_main_params()
 
+    # ----------------------------------------------------------------- colocate
+    def offload(self) -> int:
+        """--offload-train: release this rank's training state from its device (bytes released)."""
+        return self._offload.offload([self.model], self.optimizer)
+
+    def onload(self) -> int:
+        """Bring the offloaded state back, bit-exact (bytes restored; 0 when resident)."""
+        return self._offload.onload()
+
     def megatron_state(self) -> dict[str, torch.Tensor]:
+        self._offload.check_resident("reading the weights")
         return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")}
 
     # ----------------------------------------------------------------- training
@@ -212,6 +224,7 @@ class MegatronActor:
         return loss, n, metrics
 
     def _micro_batches(self, samples: list[dict], batching: BatchingArgs) -> tuple[list[MicroBatch], int]:
+        self._offload.check_resident("a forward pass")
         global_sup, global_samples = self._global_counts(samples)
         mbs = make_micro_batches(samples, batching, global_sup, global_samples)
         return [mb.to(self.info.device) for mb in mbs], global_sup
@@ -309,6 +322,7 @@ class MegatronActor:
     def save(self, root: str, iteration: int, extra: dict) -> str:
         from slime.backends.megatron_utils.checkpoint import save_training_state
 
+        self._offload.check_resident("saving a checkpoint")
         if self.ref is not None:
             extra = dict(extra, ref_source=self.ref.source)
         return save_training_state(self.model, self.optimizer, self.scheduler, root, iteration, extra)

@@ -1,0 +1,139 @@
+"""Trainer offload for ``--colocate`` (``--offload-train``): free the actor's device memory while
+the inference engines generate on the same GPUs, and bring it back bit-exactly before training.
+
+What moves: every tensor the actor keeps between steps, once per storage: the parameters (with
+megatron's DDP and the distributed optimizer they are views into DDP's contiguous param buffer),
+DDP's grad buffers (``main_grad`` views), module buffers (rotary tables), the optimizer's state
+(Adam moments) and its fp32 main parameters under bf16. Each storage is copied to host memory
+(pinned on CUDA) and then resized to 0 bytes; onload resizes it back and copies the bytes in.
+Every view (``param.data``, ``main_grad``, bucket views, optimizer references) stays a valid
+object because the storage object itself is kept, only its allocation changes.
+
+Why our own and not megatron-core's pieces: megatron-core 0.16 has the same resize trick for
+DDP's buffers (``_ParamAndGradBuffer.offload_to_cpu``, which drops grads) and a separate
+``offload_to_cpu`` for CUDA optimizer state, but nothing covering parameters outside DDP's
+buffer (no distributed optimizer), module buffers or the fp32 main copies, and both skip CPU
+tensors. One walk over every storage is one code path for GPU and for the CPU tests, which can
+then check that every byte was released and came back.
+
+Cost: a host copy of the whole training state (params + grads + 2 Adam moments + main params:
+about 16-18 bytes per parameter under bf16) and one device<->host round trip per rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainerOffload", "actor_tensors"]
+
+
+def _optimizers(optimizer) -> list:
+    """The leaf megatron optimizers of a (possibly chained) megatron optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return list(chained) if chained is not None else [optimizer]
+
+
+def actor_tensors(modules: Iterable[torch.nn.Module], optimizer) -> Iterator[torch.Tensor]:
+    """Every tensor of the training state: parameters, their main grads, module buffers, DDP's
+    param/grad buffers, optimizer state and the parameters the optimizer updates."""
+    for module in modules:
+        ddp_buffers = _ddp_buffers(module)
+        inner = module.module if ddp_buffers or hasattr(module, "zero_grad_buffer") else module
+        for p in inner.parameters():
+            yield p
+            if getattr(p, "main_grad", None) is not None:
+                yield p.main_grad
+        yield from inner.buffers()
+        for buffer in ddp_buffers:
+            for name in ("param_data", "grad_data"):
+                t = getattr(buffer, name, None)
+                if t is not None:
+                    yield t
+    for opt in _optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            yield from (p for p in group["params"] if isinstance(p, torch.Tensor))
+        for state in inner.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _ddp_buffers(module) -> list:
+    # megatron's DDP keeps its contiguous buffers in plain list attributes (``buffers`` shadows
+    # nn.Module.buffers on the instance).
+    out = []
+    for name in ("buffers", "expert_parallel_buffers"):
+        value = module.__dict__.get(name)
+        if isinstance(value, list):
+            out.extend(value)
+    return out
+
+
+class TrainerOffload:
+    """Moves the actor's training state off its device (`offload`) and back (`onload`)."""
+
+    def __init__(self):
+        self._saved: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
+        self.offloaded = False
+
+    @staticmethod
+    def _storages(tensors: Iterable[torch.Tensor]) -> list[torch.UntypedStorage]:
+        seen, out = set(), []
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = (storage.device, storage.data_ptr())
+            if storage.nbytes() == 0 or key in seen:
+                continue
+            seen.add(key)
+            out.append(storage)
+        return out
+
+    @torch.no_grad()
+    def offload(self, modules: Iterable[torch.nn.Module], optimizer) -> int:
+        """Copy every storage to host memory and release it; returns the bytes released."""
+        if self.offloaded:
+            raise RuntimeError("the trainer is already offloaded: call onload first")
+        pin = torch.cuda.is_available()
+        saved, total = [], 0
+        for storage in self._storages(actor_tensors(modules, optimizer)):
+            view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            host = torch.empty(view.numel(), dtype=torch.uint8, pin_memory=pin)
+            host.copy_(view, non_blocking=pin)
+            saved.append((storage, host))
+            total += view.numel()
+        if pin:
+            torch.cuda.synchronize()  # the copies must land before the storages are released
+        for storage, _ in saved:
+            storage.resize_(0)
+        if pin:
+            torch.cuda.empty_cache()
+        self._saved, self.offloaded = saved, True
+        logger.info("trainer offloaded: %.1f MiB in %d storages", total / 2**20, len(saved))
+        return total
+
+    @torch.no_grad()
+    def onload(self) -> int:
+        """Reallocate every released storage and copy its bytes back; returns the bytes restored."""
+        if not self.offloaded:
+            return 0
+        total = 0
+        for storage, host in self._saved:
+            storage.resize_(host.numel())
+            view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            view.copy_(host, non_blocking=host.is_pinned())
+            total += host.numel()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._saved, self.offloaded = [], False
+        logger.info("trainer onloaded: %.1f MiB", total / 2**20)
+        return total
+
+    def check_resident(self, what: str) -> None:
+        if self.offloaded:
+            raise RuntimeError(f"{what}: the trainer's weights are offloaded (--offload-train); onload them first")
