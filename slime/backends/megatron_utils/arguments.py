@@ -22,7 +22,6 @@ ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "varlen", "flash", "fused",
 
 # Layouts parsed for slime's scripts but not built yet (issue "Parallelism and MoE parity").
 _NOT_YET = {
-    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", "pipeline parallelism"),
     "context_parallel_size": ("--context-parallel-size", "context parallelism"),
     "expert_model_parallel_size": ("--expert-model-parallel-size", "expert parallelism (MoE)"),
     "expert_tensor_parallel_size": ("--expert-tensor-parallel-size", "expert tensor parallelism (MoE)"),
@@ -224,7 +223,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
     check_parallel_sizes(args)
     backend, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
     model = resolve_model_args(args)
-    return ActorConfig(
+    config = ActorConfig(
         model=model,
         build=ModelBuildArgs(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -281,3 +280,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
         throughput=ThroughputConfig.from_args(args),
         attention_note=f"attention: --attention-backend {args.attention_backend} -> {backend} ({why})",
     )
+    from slime.backends.megatron_utils.pipeline import check_pipeline_layout
+
+    check_pipeline_layout(config.model, config.build)  # at start-up, before any process group
+    return config
