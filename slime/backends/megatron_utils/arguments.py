@@ -128,6 +128,17 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
+    for flag, value in (
+        ("--num-layers-per-virtual-pipeline-stage", args.num_layers_per_virtual_pipeline_stage),
+        ("--num-virtual-stages-per-pipeline-rank", args.num_virtual_stages_per_pipeline_rank),
+    ):
+        if value is not None:
+            raise ValueError(f"{flag} {value}: virtual (interleaved) pipeline stages are not implemented yet")
+
+
+def model_parallel_ranks(args: argparse.Namespace) -> int:
+    """Ranks holding one copy of the model (TP x PP x CP); data parallelism takes the rest."""
+    return args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
 
 
 def virtual_pipeline_size(args: argparse.Namespace, num_layers: int) -> int | None:
