@@ -33,7 +33,13 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g = parser.add_argument_group("training (Megatron-LM names)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
-    for flag in ("--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size"):
+    g.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages (1F1B schedule; virtual stages not yet); data parallelism = world / (TP x PP x CP)",
+    )
+    for flag in ("--context-parallel-size", "--expert-model-parallel-size"):
         g.add_argument(flag, type=int, default=1)
     g.add_argument(
         "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; default: the tensor parallel size"
@@ -42,16 +48,20 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--num-layers-per-virtual-pipeline-stage",
         type=int,
         default=None,
-        help="interleaved pipeline: layers per model chunk (Megatron-LM)",
+        help="interleaved pipeline: layers per model chunk (Megatron-LM); not implemented yet, refused",
     )
     g.add_argument(
         "--num-virtual-stages-per-pipeline-rank",
         type=int,
         default=None,
-        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same)",
+        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same); not yet, refused",
     )
-    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first stage")
-    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, help="layers of the last stage")
+    g.add_argument(
+        "--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first stage (uneven pipeline)"
+    )
+    g.add_argument(
+        "--decoder-last-pipeline-num-layers", type=int, default=None, help="layers of the last stage (uneven pipeline)"
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 params and activations (CUDA); CPU runs are fp32")
     g.add_argument(
         "--accumulate-allreduce-grads-in-fp32",
