@@ -54,7 +54,7 @@ def measure(path: str, tokens: int, vocab: int, hidden: int, chunk: int, out: st
     from slime.backends.megatron_utils.output_head import OutputHead
     from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
-    init_parallel(1)  # megatron's CE asks for the (size 1) TP group
+    init_parallel()  # megatron's CE asks for the (size 1) TP group
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(hidden, vocab, bias=False)
     with torch.no_grad():

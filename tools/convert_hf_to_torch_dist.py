@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
     from slime.backends.megatron_utils.model_config import resolve_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
-    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
+    from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     model_args = resolve_model_args(args)
-    info = init_parallel(args.tensor_model_parallel_size)
+    info = init_parallel(ParallelLayout(tensor=args.tensor_model_parallel_size))
     model = build_gpt_model(model_args, ModelBuildArgs(tensor_model_parallel_size=args.tensor_model_parallel_size))
     shards = hf_to_mcore(load_hf_state_dict(args.hf_checkpoint), model_args, info.tp_rank, info.tp_size)
     missing, unexpected = model.load_state_dict(shards, strict=False)
