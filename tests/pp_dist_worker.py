@@ -10,7 +10,7 @@ gradients under),
 
 For each run every rank builds the layout's MegatronActor, loads the HF weights (or resumes
 from ``resume_from``), takes its DP share (``samples[dp_rank::dp_size]``), and rank 0 records:
-``grads[per_token]`` = (global loss, HF-named gradients), ``log_probs`` / ``entropy`` of its
+``grads[per_token]`` = (global loss, HF-named gradients), ``eval`` (`evaluate`), ``log_probs`` / ``entropy`` of its
 share (indices in ``share``), ``logits`` of ``tokens``, ``hf`` (weights gathered to HF names),
 ``buckets`` (the weight-sync stream), then ``steps`` train steps (their ``metrics``) and,
 with ``save_to``, a save after those steps (``hf_saved``: the weights saved) and as many
@@ -20,6 +20,7 @@ steps again; ``hf_after``: the weights after the last step.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -39,6 +40,7 @@ def run(inp: str, out: str) -> None:
     samples = spec["samples"]
     result = {}
     for r in spec["runs"]:
+        start = time.perf_counter()
         rl = r["loss_type"] == "policy_loss"
         actor = MegatronActor(
             ModelArgs(**hf_model_args(r["hf_dir"])),
@@ -61,6 +63,8 @@ def run(inp: str, out: str) -> None:
             full = actor.gather_hf(grads)
             entry["grads"][per_token] = (loss, None if full is None else {k: v.double() for k, v in full.items()})
         actor.batching = BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=160, calculate_per_token_loss=r["per_token"])
+        if r["norms"]:  # the token-weighted eval loss of all DP ranks' samples
+            entry["eval"] = actor.evaluate(mine)
         if r["log_probs"]:
             entry.update(actor.compute_log_probs(mine, with_entropy=True))
         entry["logits"] = actor.logits(spec["tokens"])
@@ -74,6 +78,7 @@ def run(inp: str, out: str) -> None:
                 entry["metrics"] += [actor.train_step(mine) for _ in range(r["steps"])]
             entry["hf_after"] = actor.gather_hf(actor.megatron_state())
         result[r["name"]] = entry
+        print(f"rank {actor.info.rank}: {r['name']} took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         ps.destroy_model_parallel()  # keep the process group: the next layout reuses it
     if actor.info.rank == 0:
         torch.save(result, out)

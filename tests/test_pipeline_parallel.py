@@ -81,8 +81,10 @@ def pp_world(tmp_path_factory):
     tokens = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(7)).tolist()
     full_recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     runs = [
-        # PP=2 x DP=2, tied embeddings split over the first and last stage; both normalizations.
-        _run("pp2", tied, dict(pipeline_model_parallel_size=2), per_token=False, norms=(True, False), log_probs=True,
+        # PP=2 x DP=2, tied embeddings split over the first and last stage; both normalizations;
+        # block recompute of one layer per stage.
+        _run("pp2", tied, dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="block",
+             recompute_num_layers=1), per_token=False, norms=(True, False), log_probs=True,
              steps=1, save=tmp / "ckpt_pp2"),
         # TP=2 x PP=2, uneven stages (1 + 3 layers), untied output layer, policy_loss, full recompute.
         _run("tp2_pp2_uneven", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
@@ -118,7 +120,9 @@ def test_pp2_sft_loss_and_grads_match_single_rank(pp_world, per_token):
     loss, grads = result["pp2"]["grads"][per_token]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert_grads(grads, ref_grads, f"pp2 per_token={per_token}")
-    if not per_token:  # the train step's metrics (last stage) reach global rank 0
+    if per_token:  # evaluate: the per-token loss, summed on the last stage, on global rank 0
+        assert result["pp2"]["eval"] == pytest.approx(ref_loss, rel=1e-5)
+    else:  # the train step's metrics (last stage) reach global rank 0
         first = result["pp2"]["metrics"][0]
         assert first["loss"] == pytest.approx(loss, rel=1e-6) and first["supervised_tokens"] > 0
         assert first["micro_batches"] >= 2
