@@ -98,8 +98,6 @@ def config_kwargs(build: "ModelBuildArgs") -> dict:
         # Micro-batches differ in length (packing, dynamic batch size): stages exchange the
         # shape before each activation (one small message more per transfer).
         variable_seq_lengths=True,
-        # gloo has no coalesced batch_isend_irecv: plain isend/irecv pairs on CPU.
-        batch_p2p_comm=torch.cuda.is_available(),
         # megatron refuses variable lengths with its default (allgather) MoE dispatcher even for
         # a dense model; MoE with PP is refused above, so this only names a dispatcher never built.
         moe_token_dispatcher_type="alltoall",
