@@ -55,14 +55,20 @@ def run(inp: str, out: str) -> None:
         else:
             actor.load_hf(r["hf_dir"])
         share = list(range(actor.info.dp_rank, len(samples), actor.info.dp_size))
-        mine = [samples[i] if rl else {k: samples[i][k] for k in ("tokens", "loss_mask", "response_length")} for i in share]
+        mine = [
+            samples[i] if rl else {k: samples[i][k] for k in ("tokens", "loss_mask", "response_length")} for i in share
+        ]
         entry = {"share": share, "grads": {}}
         for per_token in r["norms"]:
-            actor.batching = BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=160, calculate_per_token_loss=per_token)
+            actor.batching = BatchingArgs(
+                use_dynamic_batch_size=True, max_tokens_per_gpu=160, calculate_per_token_loss=per_token
+            )
             loss, grads = actor.gradients(mine)
             full = actor.gather_hf(grads)
             entry["grads"][per_token] = (loss, None if full is None else {k: v.double() for k, v in full.items()})
-        actor.batching = BatchingArgs(use_dynamic_batch_size=True, max_tokens_per_gpu=160, calculate_per_token_loss=r["per_token"])
+        actor.batching = BatchingArgs(
+            use_dynamic_batch_size=True, max_tokens_per_gpu=160, calculate_per_token_loss=r["per_token"]
+        )
         if r["norms"]:  # the token-weighted eval loss of all DP ranks' samples
             entry["eval"] = actor.evaluate(mine)
         if r["log_probs"]:
@@ -78,7 +84,9 @@ def run(inp: str, out: str) -> None:
                 entry["metrics"] += [actor.train_step(mine) for _ in range(r["steps"])]
             entry["hf_after"] = actor.gather_hf(actor.megatron_state())
         result[r["name"]] = entry
-        print(f"rank {actor.info.rank}: {r['name']} took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        print(
+            f"rank {actor.info.rank}: {r['name']} took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True
+        )
         ps.destroy_model_parallel()  # keep the process group: the next layout reuses it
     if actor.info.rank == 0:
         torch.save(result, out)

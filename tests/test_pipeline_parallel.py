@@ -17,15 +17,27 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from megatron_helpers import attach_rl_fields, hf_policy_reference, hf_response_log_probs, make_hf_checkpoint, synthetic_samples
+from megatron_helpers import (
+    attach_rl_fields,
+    hf_policy_reference,
+    hf_response_log_probs,
+    make_hf_checkpoint,
+    synthetic_samples,
+)
 
 N_SAMPLES = 8
 VOCAB = 300  # make_hf_checkpoint's vocabulary
 TIMEOUT_S = 400
 # policy_loss with its clipping, KL, entropy and TIS terms, so each contributes to what must match.
-ALGO = dict(eps_clip=0.2, eps_clip_high=0.28, entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1, use_tis=True)
+ALGO = {
+    "eps_clip": 0.2,
+    "eps_clip_high": 0.28,
+    "entropy_coef": 0.01,
+    "use_kl_loss": True,
+    "kl_loss_coef": 0.1,
+    "use_tis": True,
+}
 
 
 def sft_reference(hf_dir, samples, per_token: bool):
@@ -62,11 +74,13 @@ def _port():
         return s.getsockname()[1]
 
 
-def _run(name, hf_dir, build, loss_type="sft_loss", per_token=True, norms=(), log_probs=False, steps=0, resume="", save=""):
-    return dict(
-        name=name, hf_dir=str(hf_dir), build=build, loss_type=loss_type, per_token=per_token, norms=list(norms),
-        log_probs=log_probs, steps=steps, resume_from=str(resume), save_to=str(save),
-    )  # fmt: skip
+def _run(
+    name, hf_dir, build, loss_type="sft_loss", per_token=True, norms=(), log_probs=False, steps=0, resume="", save=""
+):
+    return {
+        "name": name, "hf_dir": str(hf_dir), "build": build, "loss_type": loss_type, "per_token": per_token,
+        "norms": list(norms), "log_probs": log_probs, "steps": steps, "resume_from": str(resume), "save_to": str(save),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +93,12 @@ def pp_world(tmp_path_factory):
     _, log_probs, _ = hf_response_log_probs(untied, samples)
     attach_rl_fields(samples, log_probs, seed=6)
     tokens = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(7)).tolist()
-    full_recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    full_recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     runs = [
         # PP=2 x DP=2, tied embeddings split over the first and last stage; both normalizations;
         # block recompute of one layer per stage.
-        _run("pp2", tied, dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="block",
-             recompute_num_layers=1), per_token=False, norms=(True, False), log_probs=True,
+        _run("pp2", tied, {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
+             "recompute_method": "block", "recompute_num_layers": 1}, per_token=False, norms=(True, False), log_probs=True,
              steps=1, save=tmp / "ckpt_pp2"),
         # TP=2 x PP=2, uneven stages (1 + 3 layers), untied output layer, policy_loss, full recompute.
         _run("tp2_pp2_uneven", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
@@ -93,7 +107,7 @@ def pp_world(tmp_path_factory):
         # The PP=2 checkpoint resumed at PP=1 (DP=4): the next step is the one PP=2 took; saved again.
         _run("pp1_resume", tied, {}, per_token=False, steps=1, resume=tmp / "ckpt_pp2", save=tmp / "ckpt_pp1"),
         # ... and that PP=1 checkpoint at PP=2 with uneven stages (3 + 1).
-        _run("pp2_uneven_resume", tied, dict(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=3),
+        _run("pp2_uneven_resume", tied, {"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 3},
              resume=tmp / "ckpt_pp1"),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
@@ -179,11 +193,11 @@ def test_torch_dist_checkpoints_move_between_pipeline_layouts(pp_world):
 
 
 def test_bad_pipeline_layouts_fail_at_start_up():
+    from conftest import TINY
+
     from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
     from slime.backends.megatron_utils.pipeline import check_pipeline_layout
-
-    from conftest import TINY
 
     m = ModelArgs(**hf_model_args(str(TINY)))  # 2 layers
     with pytest.raises(ValueError, match="does not split over --pipeline-model-parallel-size 3"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from slime.backends.megatron_utils import pipeline
 from slime.backends.megatron_utils.batching import BatchingArgs, MicroBatch, make_micro_batches
 from slime.backends.megatron_utils.lean_ce import CrossEntropyConfig
 from slime.backends.megatron_utils.loss import LOSSES, LossContext, resolve_loss
@@ -25,7 +26,6 @@ from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_g
 from slime.backends.megatron_utils.optimizer import OptimizerArgs, build_optimizer
 from slime.backends.megatron_utils.output_head import OutputHead
 from slime.backends.megatron_utils.parallel import init_parallel
-from slime.backends.megatron_utils import pipeline
 from slime.backends.megatron_utils.throughput import ThroughputConfig, train_flops
 
 if TYPE_CHECKING:
@@ -417,11 +417,12 @@ class MegatronActor:
 
         def per_sample(mb: MicroBatch, output) -> dict[str, list[torch.Tensor]]:
             logp, entropy = token_stats(
-                output, mb.labels, ctx.vocab_size, ctx.vocab_start, chunk_tokens=ctx.chunk_tokens, with_entropy=with_entropy
-            )
+                output, mb.labels, ctx.vocab_size, ctx.vocab_start, chunk_tokens=ctx.chunk_tokens,
+                with_entropy=with_entropy,
+            )  # fmt: skip
             per_position = {"log_probs": logp, **({"entropy": entropy} if with_entropy else {})}
             rows = [mb.response_positions(i) for i in range(mb.num_samples)]
-            return {key: [values[row, cols].float().cpu() for row, cols in rows] for key, values in per_position.items()}
+            return {k: [values[row, cols].float().cpu() for row, cols in rows] for k, values in per_position.items()}
 
         if self.info.pp_size > 1:  # computed on the last stage, sent to the others
             results = pipeline.last_stage_outputs(self._run_schedule, mbs, per_sample)

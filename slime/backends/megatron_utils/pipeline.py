@@ -28,7 +28,8 @@ Not yet: virtual (interleaved) stages and MoE models with PP are refused at star
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,7 +54,7 @@ _OUTPUT = "output_layer.weight"
 _EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def check_pipeline_layout(model: "ModelArgs", build: "ModelBuildArgs") -> None:
+def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
     """Clear start-up errors for the pipeline sizes (flag names in the messages)."""
     pp = build.pipeline_model_parallel_size
     if pp == 1:
@@ -87,21 +88,21 @@ def check_pipeline_layout(model: "ModelArgs", build: "ModelBuildArgs") -> None:
         )
 
 
-def config_kwargs(build: "ModelBuildArgs") -> dict:
+def config_kwargs(build: ModelBuildArgs) -> dict:
     """TransformerConfig fields of the pipeline layout (none without PP)."""
     if build.pipeline_model_parallel_size == 1:
         return {}
-    return dict(
-        pipeline_model_parallel_size=build.pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=build.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=build.decoder_last_pipeline_num_layers,
+    return {
+        "pipeline_model_parallel_size": build.pipeline_model_parallel_size,
+        "num_layers_in_first_pipeline_stage": build.decoder_first_pipeline_num_layers,
+        "num_layers_in_last_pipeline_stage": build.decoder_last_pipeline_num_layers,
         # Micro-batches differ in length (packing, dynamic batch size): stages exchange the
         # shape before each activation (one small message more per transfer).
-        variable_seq_lengths=True,
+        "variable_seq_lengths": True,
         # megatron refuses variable lengths with its default (allgather) MoE dispatcher even for
         # a dense model; MoE with PP is refused above, so this only names a dispatcher never built.
-        moe_token_dispatcher_type="alltoall",
-    )
+        "moe_token_dispatcher_type": "alltoall",
+    }
 
 
 def stage_flags() -> tuple[bool, bool]:
@@ -198,7 +199,9 @@ def check_micro_batch_count(count: int) -> None:
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return
-    t = torch.tensor([count, -count], dtype=torch.int64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    t = torch.tensor(
+        [count, -count], dtype=torch.int64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    )
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
     if int(t[0]) != -int(t[1]):
         raise RuntimeError(
