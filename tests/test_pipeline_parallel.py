@@ -98,8 +98,8 @@ def pp_world(tmp_path_factory):
         # PP=2 x DP=2, tied embeddings split over the first and last stage; both normalizations;
         # block recompute of one layer per stage.
         _run("pp2", tied, {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
-             "recompute_method": "block", "recompute_num_layers": 1}, per_token=False, norms=(True, False), log_probs=True,
-             steps=1, save=tmp / "ckpt_pp2"),
+             "recompute_method": "block", "recompute_num_layers": 1}, per_token=False, norms=(True, False),
+             log_probs=True, steps=1, save=tmp / "ckpt_pp2"),
         # TP=2 x PP=2, uneven stages (1 + 3 layers), untied output layer, policy_loss, full recompute.
         _run("tp2_pp2_uneven", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
              decoder_first_pipeline_num_layers=1, decoder_last_pipeline_num_layers=3, **full_recompute),
