@@ -424,7 +424,7 @@ class MegatronActor:
             rows = [mb.response_positions(i) for i in range(mb.num_samples)]
             return {k: [values[row, cols].float().cpu() for row, cols in rows] for k, values in per_position.items()}
 
-        if self.info.pp_size > 1:  # computed on the last stage, sent to the others
+        if self.info.pp_size > 1 and mbs:  # computed on the last stage, sent to the others
             results = pipeline.last_stage_outputs(self._run_schedule, mbs, per_sample)
         else:
             results = [per_sample(mb, self._logits(self.model, mb)) for mb in mbs]
