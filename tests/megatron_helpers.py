@@ -10,7 +10,7 @@ import torch
 FAMILIES = ("qwen3", "qwen2", "llama", "glm4")
 
 
-def make_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
+def make_hf_checkpoint(family: str, out: Path, seed: int = 0, num_layers: int = 2) -> Path:
     from transformers import (
         Glm4Config,
         Glm4ForCausalLM,
@@ -26,7 +26,7 @@ def make_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
         vocab_size=300,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -36,7 +36,9 @@ class Trainer:
 
         self.args, self.sft = args, is_sft(args)
         world = args.actor_num_nodes * args.actor_num_gpus_per_node
-        dp = world // args.tensor_model_parallel_size
+        from slime.backends.megatron_utils.arguments import model_parallel_ranks
+
+        dp = world // model_parallel_ranks(args)
         # The trainer's placement group first: with --colocate the engines share its GPU bundles.
         self.pg, use_gpu = (None, False)
         if not args.debug_rollout_only:

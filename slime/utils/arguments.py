@@ -175,16 +175,19 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     if not args.rollout_batch_size:
         raise ValueError("--rollout-batch-size is required")
     gbs = global_batch_size(args)  # raises naming the flags when they disagree
-    from slime.backends.megatron_utils.arguments import check_parallel_sizes, resolve_loss_type
+    from slime.backends.megatron_utils.arguments import check_parallel_sizes, model_parallel_ranks, resolve_loss_type
 
     check_parallel_sizes(args)
     from slime.backends.megatron_utils.layer_spec_plugin import check_spec
 
     check_spec(args.spec)  # imports the --spec module now (a typo fails before Ray starts)
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
-    if world % args.tensor_model_parallel_size:
-        raise ValueError(f"{world} ranks are not divisible by --tensor-model-parallel-size {args.tensor_model_parallel_size}")
-    dp = world // args.tensor_model_parallel_size
+    if world % model_parallel_ranks(args):
+        raise ValueError(
+            f"{world} ranks are not divisible by TP x PP x CP = {model_parallel_ranks(args)} "
+            "(--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size)"
+        )
+    dp = world // model_parallel_ranks(args)
     if gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
     if args.eval_prompt_data and len(args.eval_prompt_data) % 2:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from slime.backends.megatron_utils import pipeline
 from slime.backends.megatron_utils.batching import BatchingArgs, MicroBatch, make_micro_batches
 from slime.backends.megatron_utils.lean_ce import CrossEntropyConfig
 from slime.backends.megatron_utils.loss import LOSSES, LossContext, resolve_loss
@@ -126,6 +127,8 @@ class MegatronActor:
         from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
 
         shards = hf_to_mcore(load_hf_state_dict(hf_dir), self.model_args, self.info.tp_rank, self.info.tp_size)
+        if self.info.pp_size > 1:  # this stage's layers, renamed to local indices
+            shards = pipeline.to_stage(shards, self.model.config, self._tied)
         self.load_state(shards)
         self._capture_reference(f"hf:{hf_dir}")
 
@@ -138,6 +141,10 @@ class MegatronActor:
         self._refresh_main_params()
         self._capture_reference(f"torch_dist:{source}")
         return source
+
+    @property
+    def _tied(self) -> bool:
+        return not self.model_args.untie_embeddings_and_output_weights
 
     @property
     def needs_reference(self) -> bool:
@@ -195,10 +202,6 @@ class MegatronActor:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
         return int(local[0]), int(local[1])
 
-    def _forward_step(self, data_iterator, model):
-        mb: MicroBatch = next(data_iterator)
-        return self._logits(model, mb), partial(self._loss, mb)
-
     @staticmethod
     def _logits(model, mb: MicroBatch) -> "torch.Tensor | OutputHead":
         """This TP rank's vocabulary slice of the logits of one micro-batch, or with the lean
@@ -227,14 +230,21 @@ class MegatronActor:
         self._offload.check_resident("a forward pass")
         global_sup, global_samples = self._global_counts(samples)
         mbs = make_micro_batches(samples, batching, global_sup, global_samples)
+        pipeline.check_micro_batch_count(len(mbs))
         return [mb.to(self.info.device) for mb in mbs], global_sup
 
-    def _run_schedule(self, mbs: list[MicroBatch], forward_only: bool) -> list[dict]:
-        """megatron-core's (non-pipelined) forward/backward schedule over the micro-batches."""
+    def _run_schedule(self, mbs: list[MicroBatch], forward_only: bool, loss_func=None) -> list[dict]:
+        """megatron-core's forward/backward schedule over the micro-batches (pipelined under PP:
+        the loss dicts of the last stage are then broadcast to every stage). ``loss_func(mb,
+        output)`` replaces the training loss (forward-only scoring)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step,
+        def forward_step(data_iterator, model):
+            mb: MicroBatch = next(data_iterator)
+            return self._logits(model, mb), partial(loss_func or self._loss, mb)
+
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
             data_iterator=iter(mbs),
             model=[self.model],
             num_microbatches=len(mbs),
@@ -242,6 +252,7 @@ class MegatronActor:
             micro_batch_size=1,
             forward_only=forward_only,
         )
+        return pipeline.broadcast_from_last_stage(losses)
 
     def _forward_backward(self, samples: list[dict]):
         """Forward and backward over this rank's micro-batches; grads end up DP-summed."""
@@ -366,6 +377,8 @@ class MegatronActor:
         mapped alike), on global rank 0; None elsewhere. Every rank must call it."""
         from slime.backends.megatron_utils.hf_weights import mcore_to_hf
 
+        if self.info.pp_size > 1:  # every stage's layers on pipeline rank 0, full-model names
+            shard = pipeline.gather_stages(shard, self.model.config, self._tied) or {}
         shards = self.gather_tp(shard)
         return None if shards is None else mcore_to_hf(shards, self.model_args)
 
@@ -415,20 +428,23 @@ class MegatronActor:
         self.model.eval()
         out: dict[str, list[torch.Tensor]] = {"log_probs": [], **({"entropy": []} if with_entropy else {})}
         ctx = self.loss_ctx
-        for mb in mbs:
+
+        def per_sample(mb: MicroBatch, output) -> dict[str, list[torch.Tensor]]:
             logp, entropy = token_stats(
-                self._logits(self.model, mb),
-                mb.labels,
-                ctx.vocab_size,
-                ctx.vocab_start,
-                chunk_tokens=ctx.chunk_tokens,
+                output, mb.labels, ctx.vocab_size, ctx.vocab_start, chunk_tokens=ctx.chunk_tokens,
                 with_entropy=with_entropy,
-            )
+            )  # fmt: skip
             per_position = {"log_probs": logp, **({"entropy": entropy} if with_entropy else {})}
-            for i in range(mb.num_samples):
-                row, cols = mb.response_positions(i)
-                for key, values in per_position.items():
-                    out[key].append(values[row, cols].float().cpu())
+            rows = [mb.response_positions(i) for i in range(mb.num_samples)]
+            return {k: [values[row, cols].float().cpu() for row, cols in rows] for k, values in per_position.items()}
+
+        if self.info.pp_size > 1 and mbs:  # computed on the last stage, sent to the others
+            results = pipeline.last_stage_outputs(self._run_schedule, mbs, per_sample)
+        else:
+            results = [per_sample(mb, self._logits(self.model, mb)) for mb in mbs]
+        for result in results:
+            for key, values in result.items():
+                out[key].extend(values)
         return out
 
     def compute_ref_log_probs(self, samples: list[dict]) -> list[torch.Tensor]:
@@ -467,8 +483,15 @@ class MegatronActor:
 
         self.model.eval()
         ids = torch.tensor(tokens, device=self.info.device)[None]
+
+        def full_logits(_mb, out) -> torch.Tensor:
+            if isinstance(out, OutputHead):
+                out = out.logits()
+            out = gather_from_tensor_model_parallel_region(out)
+            return out[0, :, : self.model_args.vocab_size].float().cpu()
+
+        if self.info.pp_size > 1:  # the last stage's logits, on every stage
+            mb = pipeline.unpacked_batch(ids)
+            return pipeline.last_stage_outputs(self._run_schedule, [mb], full_logits)[0]
         out = self.model(ids, torch.arange(len(tokens), device=self.info.device)[None], attention_mask=None)
-        if isinstance(out, OutputHead):
-            out = out.logits()
-        out = gather_from_tensor_model_parallel_region(out)
-        return out[0, :, : self.model_args.vocab_size].float().cpu()
+        return full_logits(None, out)

@@ -22,7 +22,6 @@ ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "varlen", "flash", "fused",
 
 # Layouts parsed for slime's scripts but not built yet (issue "Parallelism and MoE parity").
 _NOT_YET = {
-    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", "pipeline parallelism"),
     "context_parallel_size": ("--context-parallel-size", "context parallelism"),
     "expert_model_parallel_size": ("--expert-model-parallel-size", "expert parallelism (MoE)"),
     "expert_tensor_parallel_size": ("--expert-tensor-parallel-size", "expert tensor parallelism (MoE)"),
@@ -38,7 +37,13 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         action="store_true",
         help="shard activations over the sequence between TP regions (Megatron-LM); off at TP 1, as there",
     )
-    for flag in ("--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size"):
+    g.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages (1F1B schedule; virtual stages not yet); data parallelism = world / (TP x PP x CP)",
+    )
+    for flag in ("--context-parallel-size", "--expert-model-parallel-size"):
         g.add_argument(flag, type=int, default=1)
     g.add_argument(
         "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; default: the tensor parallel size"
@@ -47,16 +52,20 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--num-layers-per-virtual-pipeline-stage",
         type=int,
         default=None,
-        help="interleaved pipeline: layers per model chunk (Megatron-LM)",
+        help="interleaved pipeline: layers per model chunk (Megatron-LM); not implemented yet, refused",
     )
     g.add_argument(
         "--num-virtual-stages-per-pipeline-rank",
         type=int,
         default=None,
-        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same)",
+        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same); not yet, refused",
     )
-    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first stage")
-    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, help="layers of the last stage")
+    g.add_argument(
+        "--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first stage (uneven pipeline)"
+    )
+    g.add_argument(
+        "--decoder-last-pipeline-num-layers", type=int, default=None, help="layers of the last stage (uneven pipeline)"
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 params and activations (CUDA); CPU runs are fp32")
     g.add_argument(
         "--accumulate-allreduce-grads-in-fp32",
@@ -151,6 +160,17 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
+    for flag, value in (
+        ("--num-layers-per-virtual-pipeline-stage", args.num_layers_per_virtual_pipeline_stage),
+        ("--num-virtual-stages-per-pipeline-rank", args.num_virtual_stages_per_pipeline_rank),
+    ):
+        if value is not None:
+            raise ValueError(f"{flag} {value}: virtual (interleaved) pipeline stages are not implemented yet")
+
+
+def model_parallel_ranks(args: argparse.Namespace) -> int:
+    """Ranks holding one copy of the model (TP x PP x CP); data parallelism takes the rest."""
+    return args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
 
 
 def virtual_pipeline_size(args: argparse.Namespace, num_layers: int) -> int | None:
@@ -246,7 +266,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
     check_parallel_sizes(args)
     backend, why = resolve_attention_backend(args.attention_backend, torch.cuda.is_available())
     model = resolve_model_args(args)
-    return ActorConfig(
+    config = ActorConfig(
         model=model,
         build=ModelBuildArgs(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -309,3 +329,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
         throughput=ThroughputConfig.from_args(args),
         attention_note=f"attention: --attention-backend {args.attention_backend} -> {backend} ({why})",
     )
+    from slime.backends.megatron_utils.pipeline import check_pipeline_layout
+
+    check_pipeline_layout(config.model, config.build)  # at start-up, before any process group
+    return config

@@ -88,6 +88,7 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from slime.backends.megatron_utils.moe_layers import moe_config_kwargs
+    from slime.backends.megatron_utils.pipeline import config_kwargs as pipeline_config_kwargs
 
     dtype = torch.bfloat16 if build.bf16 else torch.float32
     return TransformerConfig(
@@ -130,6 +131,7 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         # as is: the loss weights already hold the global denominators (see batching).
         calculate_per_token_loss=True,
         **moe_config_kwargs(model),
+        **pipeline_config_kwargs(build),
     )
 
 
@@ -194,15 +196,18 @@ def build_gpt_model(model: ModelArgs, build: ModelBuildArgs, output_head: bool =
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from slime.backends.megatron_utils.output_head import head_output_gpt_model_class
+    from slime.backends.megatron_utils.pipeline import check_pipeline_layout, stage_flags
 
+    check_pipeline_layout(model, build)
     config = transformer_config(model, build)
+    pre_process, post_process = stage_flags()  # this pipeline stage's part (both without PP)
     gpt = (head_output_gpt_model_class() if output_head else GPTModel)(
         config=config,
         transformer_layer_spec=layer_spec(model, build.attention_backend, config),
         vocab_size=model.padded_vocab_size(build.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",

@@ -142,6 +142,12 @@ def _iter_hf_tensors(actor: "MegatronActor") -> Iterator[tuple[str, "torch.Tenso
     if actor.info.dp_rank != 0:
         return
     state = {k: v for k, v in actor.model.module.state_dict().items() if not k.endswith("_extra_state")}
+    if actor.info.pp_size > 1:  # every stage's layers on pipeline rank 0 (full-model names), streamed from there
+        from slime.backends.megatron_utils.pipeline import gather_stages
+
+        state = gather_stages({k: v.detach().cpu() for k, v in state.items()}, actor.model.config, actor._tied)
+        if state is None:
+            return
     for index, names in enumerate(_parts(state)):
         shard = {k: state[k].detach().cpu() for k in names}
         shards = actor.gather_tp(shard)

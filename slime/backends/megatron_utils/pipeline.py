@@ -1,0 +1,245 @@
+"""Pipeline parallelism (``--pipeline-model-parallel-size``) for the Megatron actor.
+
+Each pipeline rank builds only its stage of megatron's GPTModel (the embedding on the first
+stage, final norm and output layer on the last, its decoder layers in between: megatron's
+``get_transformer_layer_offset`` numbers them, uneven first/last stages included). The
+schedule is megatron's pipelined 1F1B (``get_forward_backward_func``) with
+``variable_seq_lengths`` so micro-batches of different lengths (THD packing, dynamic batch
+size) pass between stages. Every stage of a DP replica holds the same samples and builds the
+same micro-batches, so the micro-batch count agrees (`check_micro_batch_count`).
+
+The loss runs on the last stage only; its weights hold the global denominators (batching),
+so the sum over micro-batches is exact. What the last stage computes (loss metrics,
+log-probs, logits) is broadcast over the pipeline group, so every rank, global rank 0
+included, returns the same values.
+
+Tied embeddings (Qwen3-small): megatron keeps a copy of the embedding on the last stage
+(``output_layer.weight``) and all-reduces the two gradients in ``finalize_model_grads``; HF
+loading fills that copy, and gathering drops it (the first stage's is the one).
+
+Weights are named per stage (``decoder.layers.{local}``); `to_stage` / `to_global` rename
+between the full model's names (what `hf_weights` maps) and a stage's, so the per-layer HF
+mapping is unchanged. Gathering a stage's tensors to pipeline rank 0 (export, weight sync,
+gradient checks) costs one full TP shard of the model in that rank's host memory.
+
+Not yet: virtual (interleaved) stages and MoE models with PP are refused at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from slime.backends.megatron_utils.model_config import ModelArgs
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+
+__all__ = [
+    "broadcast_from_last_stage",
+    "check_pipeline_layout",
+    "config_kwargs",
+    "gather_stages",
+    "layer_range",
+    "stage_flags",
+    "to_global",
+    "to_stage",
+    "unpacked_batch",
+]
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_OUTPUT = "output_layer.weight"
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
+    """Clear start-up errors for the pipeline sizes (flag names in the messages)."""
+    pp = build.pipeline_model_parallel_size
+    if pp == 1:
+        for flag, n in (
+            ("--decoder-first-pipeline-num-layers", build.decoder_first_pipeline_num_layers),
+            ("--decoder-last-pipeline-num-layers", build.decoder_last_pipeline_num_layers),
+        ):
+            if n is not None:
+                raise ValueError(f"{flag} needs --pipeline-model-parallel-size > 1")
+        return
+    if build.virtual_pipeline_model_parallel_size not in (None, 1):
+        raise ValueError(
+            "virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
+            "--num-virtual-stages-per-pipeline-rank) are not implemented yet; use plain --pipeline-model-parallel-size"
+        )
+    if model.is_moe:
+        raise ValueError("--pipeline-model-parallel-size > 1 with a MoE model (--num-experts) is not implemented yet")
+    rest, stages = model.num_layers, pp
+    for flag, n in (
+        ("--decoder-first-pipeline-num-layers", build.decoder_first_pipeline_num_layers),
+        ("--decoder-last-pipeline-num-layers", build.decoder_last_pipeline_num_layers),
+    ):
+        if n is not None:
+            if n < 1:
+                raise ValueError(f"{flag} must be >= 1, got {n}")
+            rest, stages = rest - n, stages - 1
+    if rest < stages or (stages and rest % stages):
+        raise ValueError(
+            f"--num-layers {model.num_layers} does not split over --pipeline-model-parallel-size {pp}: "
+            f"{rest} layers left for {stages} even stage(s) (see --decoder-first/last-pipeline-num-layers)"
+        )
+
+
+def config_kwargs(build: ModelBuildArgs) -> dict:
+    """TransformerConfig fields of the pipeline layout (none without PP)."""
+    if build.pipeline_model_parallel_size == 1:
+        return {}
+    return {
+        "pipeline_model_parallel_size": build.pipeline_model_parallel_size,
+        "num_layers_in_first_pipeline_stage": build.decoder_first_pipeline_num_layers,
+        "num_layers_in_last_pipeline_stage": build.decoder_last_pipeline_num_layers,
+        # Micro-batches differ in length (packing, dynamic batch size): stages exchange the
+        # shape before each activation (one small message more per transfer).
+        "variable_seq_lengths": True,
+        # megatron refuses variable lengths with its default (allgather) MoE dispatcher even for
+        # a dense model; MoE with PP is refused above, so this only names a dispatcher never built.
+        "moe_token_dispatcher_type": "alltoall",
+    }
+
+
+def stage_flags() -> tuple[bool, bool]:
+    """(pre_process, post_process) of this pipeline rank's model."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+
+
+def layer_range(config) -> tuple[int, int]:
+    """[first, end) global decoder-layer indices this pipeline rank builds."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config)
+    return offset, offset + get_num_layers_to_build(config)
+
+
+def to_stage(full: dict[str, torch.Tensor], config, tied: bool) -> dict[str, torch.Tensor]:
+    """This stage's part of a full model's megatron-named tensors, layers renamed to local
+    indices. Tied embeddings: the last stage (not also first) gets the embedding as its
+    ``output_layer.weight`` copy."""
+    pre, post = stage_flags()
+    first, end = layer_range(config)
+    out = {}
+    for name, t in full.items():
+        m = _LAYER.match(name)
+        if m:
+            i = int(m.group(1))
+            if first <= i < end:
+                out[f"decoder.layers.{i - first}.{m.group(2)}"] = t
+        elif name == _EMBEDDING:
+            if pre:
+                out[name] = t
+            if post and tied and not pre:
+                out[_OUTPUT] = t
+        elif post:  # final norm, untied output layer
+            out[name] = t
+    return out
+
+
+def to_global(stage: dict[str, torch.Tensor], config, tied: bool) -> dict[str, torch.Tensor]:
+    """A stage's tensors under the full model's names (the tied copy on the last stage dropped)."""
+    pre, _ = stage_flags()
+    first, _ = layer_range(config)
+    out = {}
+    for name, t in stage.items():
+        m = _LAYER.match(name)
+        if m:
+            out[f"decoder.layers.{int(m.group(1)) + first}.{m.group(2)}"] = t
+        elif not (name == _OUTPUT and tied and not pre):
+            out[name] = t
+    return out
+
+
+def gather_stages(stage: dict[str, torch.Tensor], config, tied: bool) -> dict[str, torch.Tensor] | None:
+    """Every stage's tensors (full-model names) on pipeline rank 0 of this rank's pipeline
+    group; None on the other stages. A collective of the pipeline group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    mine = to_global(stage, config, tied)
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return mine
+    group = ps.get_pipeline_model_parallel_group()
+    parts = [None] * dist.get_world_size(group) if ps.is_pipeline_first_stage() else None
+    dist.gather_object(mine, parts, dst=dist.get_global_rank(group, 0), group=group)
+    if parts is None:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def broadcast_from_last_stage(value):
+    """The last pipeline stage's ``value`` (any picklable object) on every stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    group = ps.get_pipeline_model_parallel_group()
+    box = [value if ps.is_pipeline_last_stage() else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, dist.get_world_size(group) - 1), group=group)
+    return box[0]
+
+
+def check_micro_batch_count(count: int) -> None:
+    """Every stage of a pipeline must run the same number of micro-batches (they see the same
+    samples); a mismatch would hang the schedule, so fail instead."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    t = torch.tensor(
+        [count, -count], dtype=torch.int64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    )
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(
+            f"pipeline stages built different micro-batch counts ({-int(t[1])}..{int(t[0])}): every stage of a "
+            "data-parallel replica must get the same samples"
+        )
+
+
+def last_stage_outputs(run_schedule: Callable, mbs: list, per_mb: Callable) -> list:
+    """Run the forward-only schedule over ``mbs``; ``per_mb(mb, output)`` on the last stage for
+    each micro-batch (its result collected in order); the list broadcast to every stage."""
+    collected: list = []
+
+    def loss_func(mb, output):
+        collected.append(per_mb(mb, output))
+        zero = torch.zeros((), device=output.hidden.device if hasattr(output, "hidden") else output.device)
+        return zero, torch.ones((), dtype=torch.int, device=zero.device), {}
+
+    run_schedule(mbs, forward_only=True, loss_func=loss_func)
+    return broadcast_from_last_stage(collected)
+
+
+def unpacked_batch(ids: torch.Tensor):
+    """A `batching.MicroBatch` of one unpacked sequence ``ids`` ``[1, T]`` (nothing supervised),
+    for scoring forwards such as ``MegatronActor.logits`` through the schedule."""
+    from slime.backends.megatron_utils.batching import MicroBatch
+
+    n = ids.shape[-1]
+    zeros = torch.zeros_like(ids)
+    return MicroBatch(
+        tokens=ids,
+        position_ids=torch.arange(n, device=ids.device)[None],
+        labels=zeros,
+        weights=zeros.double(),
+        cu_seqlens=None,
+        max_seqlen=n,
+        num_samples=1,
+        real_tokens=n,
+        capacity=n,
+        supervised_tokens=0,
+    )
