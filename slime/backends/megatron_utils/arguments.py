@@ -23,7 +23,6 @@ ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "varlen", "flash", "fused",
 # Layouts parsed for slime's scripts but not built yet (issue "Parallelism and MoE parity").
 _NOT_YET = {
     "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", "pipeline parallelism"),
-    "context_parallel_size": ("--context-parallel-size", "context parallelism"),
     "expert_model_parallel_size": ("--expert-model-parallel-size", "expert parallelism (MoE)"),
     "expert_tensor_parallel_size": ("--expert-tensor-parallel-size", "expert tensor parallelism (MoE)"),
 }
