@@ -1,0 +1,170 @@
+"""Context parallelism (CP=2, packed THD, no Transformer Engine) equals one rank: loss,
+gradients, metrics, evaluate and compute_log_probs, under the lean and plain losses and both
+normalizations; samples do not attend across each other; the zigzag split is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+from megatron_helpers import attach_rl_fields, hf_response_log_probs, synthetic_samples
+
+VOCAB = 849  # tiny-qwen3's tokenizer
+DIST_TIMEOUT_S = 300
+MAX_TOKENS = 160  # per micro-batch of the whole CP group: 80 per CP rank at CP=2
+RL = dict(entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3", use_tis=True, tis_clip=1.2)
+
+
+def _samples() -> list[dict]:
+    out = synthetic_samples(6, VOCAB, seed=5)
+    # Short ones too: lengths 7 and 13 are not multiples of 2 x CP, 3 tokens pad to one chunk each.
+    g = torch.Generator().manual_seed(6)
+    for n, resp in ((7, 3), (13, 5), (3, 1)):
+        out.insert(1, {"tokens": torch.randint(0, VOCAB, (n,), generator=g).tolist(), "loss_mask": [1] * resp,
+                       "response_length": resp})  # fmt: skip
+    _, log_probs, _ = hf_response_log_probs(TINY, out)
+    attach_rl_fields(out, log_probs, seed=7)
+    return out
+
+
+def test_zigzag_split_and_merge():
+    """Each rank keeps chunks r and 2N-1-r of every padded sample, with the full sequence's
+    labels, weights and fields; the shards merge back to the pack; loads balance."""
+    from slime.backends.megatron_utils.batching import BatchingArgs, make_micro_batches
+    from slime.backends.megatron_utils.context_parallel import padded_length, split_micro_batch, zigzag_merge
+
+    assert [padded_length(n, 2) for n in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 12]
+    samples = [{k: s[k] for k in ("tokens", "loss_mask", "response_length", "advantages")} for s in _samples()[:5]]
+    (mb,) = make_micro_batches(samples, BatchingArgs(micro_batch_size=5), 40, 5)
+    lengths = [len(s["tokens"]) for s in samples]
+    for cp in (2, 3):
+        shards = [split_micro_batch(mb, cp, r) for r in range(cp)]
+        padded = [padded_length(n, cp) for n in lengths]
+        for r, sh in enumerate(shards):
+            assert sh.tokens.shape == (1, sum(padded) // cp)
+            assert sh.cu_seqlens.tolist() == [0, *torch.tensor(padded).cumsum(0).tolist()]
+            start = 0
+            for n, p in zip(lengths, padded):
+                c = p // (2 * cp)  # this sample's two chunks, in order
+                want = [*range(r * c, (r + 1) * c), *range((2 * cp - 1 - r) * c, (2 * cp - r) * c)]
+                assert sh.position_ids[0, start : start + 2 * c].tolist() == want
+                real = [q for q in want if q < n]
+                assert sh.tokens[0, start : start + len(real)].tolist() == [samples_tok for samples_tok in
+                                                                           _sample_tokens(mb, lengths, n, real)]  # fmt: skip
+                start += 2 * c
+            assert sh.weights[sh.segment_ids < 0].abs().sum() == 0  # padding carries no loss
+        for name in ("tokens", "labels", "weights", "segment_ids"):
+            merged = zigzag_merge([getattr(sh, name) for sh in shards], shards[0].cp)
+            assert torch.equal(merged, getattr(mb, name)), name
+        for key in mb.fields:
+            assert torch.equal(zigzag_merge([sh.fields[key] for sh in shards], shards[0].cp), mb.fields[key])
+        assert sum(sh.real_tokens for sh in shards) == mb.real_tokens
+        assert sum(sh.supervised_tokens for sh in shards) == mb.supervised_tokens
+
+
+def _sample_tokens(mb, lengths, n, positions):
+    i = lengths.index(n)
+    start = sum(lengths[:i])
+    return [int(mb.tokens[0, start + q]) for q in positions]
+
+
+def test_cp_refuses_unsupported_layouts():
+    from slime.algorithms.config import AlgorithmConfig
+    from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.context_parallel import check_cp_layout
+    from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
+
+    model = ModelArgs(**hf_model_args(str(TINY)))
+    with pytest.raises(ValueError, match="--qkv-format thd"):
+        check_cp_layout(2, BatchingArgs(qkv_format="sbhd"), model, None, "sdpa")
+    with pytest.raises(ValueError, match="gspo"):
+        check_cp_layout(2, BatchingArgs(), model, AlgorithmConfig(advantage_estimator="gspo"), "sdpa")
+    check_cp_layout(2, BatchingArgs(), model, AlgorithmConfig(), "flex")  # flex falls back to the masked path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(CP=2 result from one torchrun world of 2, CP=1 reference in this process)."""
+    from slime.algorithms.config import AlgorithmConfig
+    from slime.backends.megatron_utils.cpu_compat import disable_cpu_mode
+    from slime.backends.megatron_utils.parallel import destroy_parallel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from cp_dist_worker import run_checks
+
+    tmp = tmp_path_factory.mktemp("cp")
+    spec = {"samples": _samples(), "algorithm": dataclasses.asdict(AlgorithmConfig(**RL)), "max_tokens": MAX_TOKENS}
+    torch.save(spec, tmp / "in.pt")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+        str(ROOT / "tests" / "cp_dist_worker.py"), str(TINY), str(tmp / "in.pt"), str(tmp / "out.pt"),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the single-rank reference runs while the two CP ranks start up
+        ref = run_checks(str(TINY), spec, cp=1)
+    finally:
+        destroy_parallel()
+        disable_cpu_mode()
+    try:
+        _, err = proc.communicate(timeout=DIST_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    return torch.load(tmp / "out.pt", weights_only=True), ref, spec["samples"]
+
+
+def _assert_grads(ours: dict, ref: dict, name: str) -> None:
+    assert ours and set(ours) == set(ref), name
+    for k, g in ours.items():
+        torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("check", ["sft_token", "sft_sample", "policy"])
+def test_cp2_loss_and_gradients_equal_one_rank(runs, check):
+    cp, ref, _ = runs
+    assert cp[check]["loss"] == pytest.approx(ref[check]["loss"], rel=1e-6), check
+    _assert_grads(cp[check]["grads"], ref[check]["grads"], check)
+
+
+def test_cp2_metrics_eval_and_log_probs_equal_one_rank(runs):
+    """Metrics are the global ones once (summed over DP x CP, FLOPs not counted twice); a micro-batch
+    packs 2 x --max-tokens-per-gpu at CP=2 (same micro-batches as one rank at twice the cap)."""
+    cp, ref, samples = runs
+    assert cp["sft_token"]["eval"] == pytest.approx(ref["sft_token"]["eval"], rel=1e-6)
+    for check, keys in (("sft_token", ("loss",)), ("policy", ("loss", "pg_loss", "entropy", "kl_loss", "tis"))):
+        got, want = cp[check]["metrics"], ref[check]["metrics"]
+        for key in keys + ("grad_norm",):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), f"{check}: {key}"
+        for key in ("supervised_tokens", "total_tokens", "micro_batches"):
+            assert got[key] == want[key], f"{check}: {key}"
+        assert got["micro_batches"] < len(samples)  # several samples per micro-batch
+        assert got["model_tflops_per_s_per_gpu"] * got["step_time_s"] == pytest.approx(
+            want["model_tflops_per_s_per_gpu"] * want["step_time_s"] / 2, rel=1e-6
+        )  # same FLOPs in total, over 2 devices
+    for key in ("log_probs", "entropy"):
+        assert len(cp["policy"][key]) == len(samples)
+        for got, want, s in zip(cp["policy"][key], ref["policy"][key], samples):
+            assert got.shape == (s["response_length"],)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_cp2_packing_isolates_samples(runs):
+    """The CP forward of one pack gives each sample the logits of its own single-rank forward."""
+    cp, ref, _ = runs
+    for got, alone in zip(cp["sft_token"]["pack_logits"], ref["sft_token"]["single_logits"]):
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
