@@ -8,6 +8,8 @@ IN.pt (``torch.save``; read with weights_only=True): {"samples" (with RL fields)
 
 * "sft_token": lean loss, per-token, dynamic packing: the pack's per-sample logits (and, at
   CP=1, each sample's own unpacked logits), global loss, HF-named gradients, evaluate, a step;
+  at CP > 1 then "state": torch_dist save, HF export (into IN's "workdir"), weight-sync
+  buckets, and a fresh actor resumed from the save;
 * "sft_sample": plain loss, per-sample, three samples per micro-batch: loss and gradients;
 * "policy": policy_loss (lean, per-token): compute_log_probs with entropy, loss, gradients, a step.
 
@@ -53,6 +55,29 @@ def _grads(actor, samples):
     return {"loss": loss, "grads": None if full is None else {k: v.double() for k, v in full.items()}}
 
 
+def _save_export_resume(actor, hf: Path, batching, n: int, cp: int, workdir: str) -> dict:
+    """torch_dist save, HF export and weight-sync buckets of the trained weights, then a fresh actor
+    resumed from the save: its largest weight difference from the saved ones over every rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    root = str(Path(workdir) / "ckpt")
+    actor.save(root, 1, {"step": actor.step})
+    actor.export_hf(str(Path(workdir) / "hf"), str(hf))
+    out = {
+        "buckets": {name: t for bucket in actor.iter_hf_buckets(1 << 20) for name, t in bucket},
+        "trained": actor.megatron_state(),
+    }
+    ps.destroy_model_parallel()
+    resumed = build_actor(hf, batching, n, cp=cp)
+    resumed.load(root)
+    saved, now = out["trained"], resumed.megatron_state()
+    diff = torch.tensor(max(float((saved[k] - now[k]).abs().max()) for k in saved))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    out.update(resume_max_diff=float(diff), resumed_step=resumed.step)
+    return out
+
+
 def run_checks(hf_dir: str, spec: dict, cp: int) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -72,6 +97,8 @@ def run_checks(hf_dir: str, spec: dict, cp: int) -> dict:
     entry["eval"] = actor.evaluate(samples)
     entry["metrics"] = actor.train_step(samples)
     result["sft_token"] = entry
+    if cp > 1:
+        result["state"] = _save_export_resume(actor, hf, BatchingArgs(**dynamic), len(samples), cp, spec["workdir"])
     ps.destroy_model_parallel()  # keep the process group: the next actor reuses it
 
     plain = CrossEntropyConfig(chunk_tokens=0)

@@ -35,13 +35,17 @@ def _samples() -> list[dict]:
 
 def test_zigzag_split_and_merge():
     """Each rank keeps chunks r and 2N-1-r of every padded sample, with the full sequence's
-    labels, weights and fields; the shards merge back to the pack; loads balance."""
+    tokens, labels, weights and fields; the shards merge back to the pack; loads balance."""
     from slime.backends.megatron_utils.batching import BatchingArgs, make_micro_batches
     from slime.backends.megatron_utils.context_parallel import padded_length, split_micro_batch, zigzag_merge
 
     assert [padded_length(n, 2) for n in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 12]
-    samples = [{k: s[k] for k in ("tokens", "loss_mask", "response_length", "advantages")} for s in _samples()[:5]]
-    (mb,) = make_micro_batches(samples, BatchingArgs(micro_batch_size=5), 40, 5)
+    samples = synthetic_samples(3, VOCAB, seed=1)[:3]
+    samples[1:1] = [{"tokens": [5, 6, 7], "loss_mask": [1], "response_length": 1},
+                    {"tokens": list(range(100, 113)), "loss_mask": [1, 0, 1, 1], "response_length": 4}]  # fmt: skip
+    for s in samples:
+        s["advantages"] = torch.arange(s["response_length"], dtype=torch.float32) + 1
+    (mb,) = make_micro_batches(samples, BatchingArgs(micro_batch_size=len(samples)), 40, len(samples))
     lengths = [len(s["tokens"]) for s in samples]
     for cp in (2, 3):
         shards = [split_micro_batch(mb, cp, r) for r in range(cp)]
@@ -49,29 +53,22 @@ def test_zigzag_split_and_merge():
         for r, sh in enumerate(shards):
             assert sh.tokens.shape == (1, sum(padded) // cp)
             assert sh.cu_seqlens.tolist() == [0, *torch.tensor(padded).cumsum(0).tolist()]
-            start = 0
-            for n, p in zip(lengths, padded):
+            assert sh.max_seqlen == max(padded) and sh.spans == mb.spans
+            at = 0
+            for s, n, p in zip(samples, lengths, padded):
                 c = p // (2 * cp)  # this sample's two chunks, in order
                 want = [*range(r * c, (r + 1) * c), *range((2 * cp - 1 - r) * c, (2 * cp - r) * c)]
-                assert sh.position_ids[0, start : start + 2 * c].tolist() == want
-                real = [q for q in want if q < n]
-                assert sh.tokens[0, start : start + len(real)].tolist() == [samples_tok for samples_tok in
-                                                                           _sample_tokens(mb, lengths, n, real)]  # fmt: skip
-                start += 2 * c
+                assert sh.position_ids[0, at : at + 2 * c].tolist() == want  # positions in the sample
+                got = sh.tokens[0, at : at + 2 * c].tolist()
+                assert got == [s["tokens"][q] if q < n else 0 for q in want]
+                at += 2 * c
             assert sh.weights[sh.segment_ids < 0].abs().sum() == 0  # padding carries no loss
         for name in ("tokens", "labels", "weights", "segment_ids"):
             merged = zigzag_merge([getattr(sh, name) for sh in shards], shards[0].cp)
             assert torch.equal(merged, getattr(mb, name)), name
-        for key in mb.fields:
-            assert torch.equal(zigzag_merge([sh.fields[key] for sh in shards], shards[0].cp), mb.fields[key])
+        assert torch.equal(zigzag_merge([sh.fields["advantages"] for sh in shards], shards[0].cp), mb.fields["advantages"])
         assert sum(sh.real_tokens for sh in shards) == mb.real_tokens
         assert sum(sh.supervised_tokens for sh in shards) == mb.supervised_tokens
-
-
-def _sample_tokens(mb, lengths, n, positions):
-    i = lengths.index(n)
-    start = sum(lengths[:i])
-    return [int(mb.tokens[0, start + q]) for q in positions]
 
 
 def test_cp_refuses_unsupported_layouts():
@@ -99,7 +96,12 @@ def runs(tmp_path_factory):
     from cp_dist_worker import run_checks
 
     tmp = tmp_path_factory.mktemp("cp")
-    spec = {"samples": _samples(), "algorithm": dataclasses.asdict(AlgorithmConfig(**RL)), "max_tokens": MAX_TOKENS}
+    spec = {
+        "samples": _samples(),
+        "algorithm": dataclasses.asdict(AlgorithmConfig(**RL)),
+        "max_tokens": MAX_TOKENS,
+        "workdir": str(tmp),
+    }
     torch.save(spec, tmp / "in.pt")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
@@ -117,7 +119,7 @@ def runs(tmp_path_factory):
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    return torch.load(tmp / "out.pt", weights_only=True), ref, spec["samples"]
+    return torch.load(tmp / "out.pt", weights_only=True), ref, spec["samples"], tmp
 
 
 def _assert_grads(ours: dict, ref: dict, name: str) -> None:
@@ -128,7 +130,7 @@ def _assert_grads(ours: dict, ref: dict, name: str) -> None:
 
 @pytest.mark.parametrize("check", ["sft_token", "sft_sample", "policy"])
 def test_cp2_loss_and_gradients_equal_one_rank(runs, check):
-    cp, ref, _ = runs
+    cp, ref, _, _ = runs
     assert cp[check]["loss"] == pytest.approx(ref[check]["loss"], rel=1e-6), check
     _assert_grads(cp[check]["grads"], ref[check]["grads"], check)
 
@@ -136,7 +138,7 @@ def test_cp2_loss_and_gradients_equal_one_rank(runs, check):
 def test_cp2_metrics_eval_and_log_probs_equal_one_rank(runs):
     """Metrics are the global ones once (summed over DP x CP, FLOPs not counted twice); a micro-batch
     packs 2 x --max-tokens-per-gpu at CP=2 (same micro-batches as one rank at twice the cap)."""
-    cp, ref, samples = runs
+    cp, ref, samples, _ = runs
     assert cp["sft_token"]["eval"] == pytest.approx(ref["sft_token"]["eval"], rel=1e-6)
     for check, keys in (("sft_token", ("loss",)), ("policy", ("loss", "pg_loss", "entropy", "kl_loss", "tis"))):
         got, want = cp[check]["metrics"], ref[check]["metrics"]
@@ -157,7 +159,7 @@ def test_cp2_metrics_eval_and_log_probs_equal_one_rank(runs):
 
 def test_cp2_packing_isolates_samples(runs):
     """The CP forward of one pack gives each sample the logits of its own single-rank forward."""
-    cp, ref, _ = runs
+    cp, ref, _, _ = runs
     for got, alone in zip(cp["sft_token"]["pack_logits"], ref["sft_token"]["single_logits"]):
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
 
@@ -168,3 +170,23 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_cp2_save_export_weight_sync_and_resume(runs):
+    """Under CP=2: the HF export and the weight-sync buckets are the trained weights (rank 0's, a
+    full replica), the torch_dist save loads back exactly on every rank and restores the step."""
+    from safetensors.torch import load_file
+
+    from slime.backends.megatron_utils.hf_weights import mcore_to_hf
+    from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
+
+    cp, _, _, tmp = runs
+    state = cp["state"]
+    trained = mcore_to_hf([state["trained"]], ModelArgs(**hf_model_args(str(TINY))))
+    exported = load_file(tmp / "hf" / "model.safetensors")
+    assert set(state["buckets"]) == set(trained) and set(exported) <= set(trained)
+    for name, t in state["buckets"].items():
+        assert torch.equal(t, trained[name]), name
+    for name, t in exported.items():
+        assert torch.equal(t, trained[name]), name
+    assert state["resume_max_diff"] == 0.0 and state["resumed_step"] == 1
