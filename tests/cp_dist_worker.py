@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from megatron_helpers import build_actor  # noqa: E402
+from megatron_helpers import build_actor
 
 
 @torch.no_grad()
@@ -86,7 +86,8 @@ def run_checks(hf_dir: str, spec: dict, cp: int) -> dict:
     from slime.backends.megatron_utils.loss_config import CrossEntropyConfig
 
     samples, hf = spec["samples"], Path(hf_dir)
-    dynamic = dict(use_dynamic_batch_size=True, max_tokens_per_gpu=spec["max_tokens"] // cp, calculate_per_token_loss=True)
+    dynamic = {"use_dynamic_batch_size": True, "max_tokens_per_gpu": spec["max_tokens"] // cp}
+    dynamic["calculate_per_token_loss"] = True
     result = {}
 
     actor = build_actor(hf, BatchingArgs(**dynamic), len(samples), cp=cp)

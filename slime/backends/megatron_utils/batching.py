@@ -88,7 +88,7 @@ class MicroBatch:
     segment_ids: torch.Tensor | None = None  # same shape: index of the sample in this micro-batch, -1 on padding
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # TOKEN_FIELDS present, float32, same shape
     spans: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, start, length, response_length)
-    cp: "CPShard | None" = None  # this CP rank's share (`context_parallel.split_micro_batch`); spans are the full pack's
+    cp: CPShard | None = None  # this CP rank's share (`context_parallel.split_micro_batch`); spans: the full pack's
 
     def to(self, device) -> "MicroBatch":
         for name in ("tokens", "position_ids", "labels", "weights", "cu_seqlens", "segment_ids"):

@@ -27,6 +27,7 @@ kernels are not used (TE is not installed here).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,8 @@ import torch
 __all__ = [
     "CPShard",
     "check_cp_layout",
-    "cp_batching",
     "cp_attention",
+    "cp_batching",
     "cp_gather",
     "padded_length",
     "split_micro_batch",
@@ -100,7 +101,7 @@ def split_micro_batch(mb, cp_size: int, cp_rank: int):
     if mb.cu_seqlens is None or mb.tokens.shape[0] != 1:
         raise ValueError("context parallelism needs packed micro-batches (--qkv-format thd)")
     bounds = mb.cu_seqlens.tolist()
-    lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    lengths = tuple(e - s for s, e in itertools.pairwise(bounds))
     shard = CPShard(cp_size, cp_rank, lengths, tuple(padded_length(n, cp_size) for n in lengths))
     index = shard.source_index(cp_rank)
     cu = torch.tensor([0, *torch.tensor(shard.padded).cumsum(0).tolist()], dtype=torch.int32)
@@ -188,7 +189,7 @@ def cp_attention(q, k, v, cu_seqlens, scale, dropout_p, group):
     padded = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for (s, e), p in zip(zip(bounds[:-1], bounds[1:]), padded):
+    for (s, e), p in zip(itertools.pairwise(bounds), padded):
         if e == s:
             continue
         q_pos = zigzag_positions(p, n, rank).to(q.device)
