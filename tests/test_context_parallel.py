@@ -72,17 +72,18 @@ def test_zigzag_split_and_merge():
 
 
 def test_cp_refuses_unsupported_layouts():
-    from slime.algorithms.config import AlgorithmConfig
-    from slime.backends.megatron_utils.batching import BatchingArgs
-    from slime.backends.megatron_utils.context_parallel import check_cp_layout
-    from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
+    """At start-up (validate_trainer_args' flag check, before Ray): SBHD and GSPO under CP; MoE
+    (known once the HF config is read) when the actor is built."""
+    from slime.backends.megatron_utils.arguments import check_context_parallel, check_parallel_sizes
+    from test_slime_script_compat import _parse
 
-    model = ModelArgs(**hf_model_args(str(TINY)))
-    with pytest.raises(ValueError, match="--qkv-format thd"):
-        check_cp_layout(2, BatchingArgs(qkv_format="sbhd"), model, None, "sdpa")
-    with pytest.raises(ValueError, match="gspo"):
-        check_cp_layout(2, BatchingArgs(), model, AlgorithmConfig(advantage_estimator="gspo"), "sdpa")
-    check_cp_layout(2, BatchingArgs(), model, AlgorithmConfig(), "flex")  # flex falls back to the masked path
+    with pytest.raises(ValueError, match="--context-parallel-size 2 splits packed sequences: it needs --qkv-format thd"):
+        check_parallel_sizes(_parse(["--context-parallel-size", "2", "--qkv-format", "sbhd"]))
+    with pytest.raises(ValueError, match="--context-parallel-size 2: --advantage-estimator gspo"):
+        check_context_parallel(2, "thd", "gspo")
+    with pytest.raises(ValueError, match="MoE"):
+        check_context_parallel(2, "thd", "grpo", is_moe=True)
+    check_parallel_sizes(_parse(["--context-parallel-size", "2"]))  # accepted
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_slime_sft_script_flags_parse_and_configure_the_actor():
 
 
 @pytest.mark.parametrize(
-    "flag", ["--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size", "--expert-tensor-parallel-size"]
+    "flag", ["--pipeline-model-parallel-size", "--expert-model-parallel-size", "--expert-tensor-parallel-size"]
 )
 def test_parallel_sizes_above_one_fail_at_start_up(flag):
     from slime.utils.arguments import validate_trainer_args

@@ -179,9 +179,13 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
 
     check_parallel_sizes(args)
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
-    if world % args.tensor_model_parallel_size:
-        raise ValueError(f"{world} ranks are not divisible by --tensor-model-parallel-size {args.tensor_model_parallel_size}")
-    dp = world // args.tensor_model_parallel_size
+    model_parallel = args.tensor_model_parallel_size * args.context_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"{world} ranks are not divisible by --tensor-model-parallel-size x --context-parallel-size "
+            f"({args.tensor_model_parallel_size} x {args.context_parallel_size})"
+        )
+    dp = world // model_parallel
     if gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
     if args.eval_prompt_data and len(args.eval_prompt_data) % 2:

@@ -85,9 +85,12 @@ class MegatronActor:
         if train.global_batch_size % self.info.dp_size:
             raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")
         if self.info.cp_size > 1:
-            from slime.backends.megatron_utils.context_parallel import check_cp_layout
+            from slime.backends.megatron_utils.arguments import check_context_parallel
 
-            check_cp_layout(self.info.cp_size, batching, model, algorithm, build.attention_backend)
+            estimator = algorithm.advantage_estimator if algorithm is not None else None
+            check_context_parallel(self.info.cp_size, batching.qkv_format, estimator, model.is_moe)
+            if build.attention_backend != "sdpa":
+                logger.info("CP: --attention-backend %s runs the masked all-gather attention", build.attention_backend)
         cuda = torch.cuda.is_available()
         if build.bf16 and not cuda:
             raise ValueError("--bf16 needs CUDA; CPU runs train in fp32")

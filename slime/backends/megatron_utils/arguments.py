@@ -12,6 +12,7 @@ __all__ = [
     "ActorConfig",
     "actor_config_from_args",
     "add_megatron_arguments",
+    "check_context_parallel",
     "check_parallel_sizes",
     "resolve_attention_backend",
     "resolve_loss_type",
@@ -33,8 +34,14 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g = parser.add_argument_group("training (Megatron-LM names)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
-    for flag in ("--pipeline-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size"):
+    for flag in ("--pipeline-model-parallel-size", "--expert-model-parallel-size"):
         g.add_argument(flag, type=int, default=1)
+    g.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="split every packed sample over N ranks (zigzag, causal load balance; THD only; docs/backend.md)",
+    )
     g.add_argument(
         "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; default: the tensor parallel size"
     )
@@ -80,7 +87,12 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (all DP ranks)")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--use-dynamic-batch-size", action="store_true", help="pack micro-batches up to --max-tokens-per-gpu")
-    g.add_argument("--max-tokens-per-gpu", type=int, default=None)
+    g.add_argument(
+        "--max-tokens-per-gpu",
+        type=int,
+        default=None,
+        help="tokens per micro-batch and GPU; with --context-parallel-size N a micro-batch packs N x this, split over the N ranks",
+    )
     g.add_argument("--qkv-format", choices=("thd", "sbhd"), default="thd", help="thd: packed sequences; sbhd: padded")
     g.add_argument(
         "--calculate-per-token-loss",
@@ -128,6 +140,24 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
+    check_context_parallel(args.context_parallel_size, args.qkv_format, args.advantage_estimator)
+
+
+def check_context_parallel(
+    cp_size: int, qkv_format: str, advantage_estimator: str | None = None, is_moe: bool = False
+) -> None:
+    """Refuse what ``--context-parallel-size`` > 1 does not cover yet (`context_parallel`)."""
+    if cp_size < 1:
+        raise ValueError(f"--context-parallel-size must be >= 1, got {cp_size}")
+    if cp_size == 1:
+        return
+    flag = f"--context-parallel-size {cp_size}"
+    if qkv_format != "thd":
+        raise ValueError(f"{flag} splits packed sequences: it needs --qkv-format thd, got {qkv_format}")
+    if advantage_estimator == "gspo":
+        raise ValueError(f"{flag}: --advantage-estimator gspo needs per-sequence ratios, which span CP ranks (not yet)")
+    if is_moe:
+        raise ValueError(f"{flag} with a MoE model (--num-experts) is not tested yet; use CP 1 for MoE")
 
 
 def virtual_pipeline_size(args: argparse.Namespace, num_layers: int) -> int | None:

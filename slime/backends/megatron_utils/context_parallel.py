@@ -34,7 +34,6 @@ import torch
 
 __all__ = [
     "CPShard",
-    "check_cp_layout",
     "cp_attention",
     "cp_batching",
     "cp_gather",
@@ -210,21 +209,3 @@ def cp_batching(batching, cp_size: int):
         return batching
     return dataclasses.replace(batching, max_tokens_per_gpu=batching.max_tokens_per_gpu * cp_size)
 
-
-def check_cp_layout(cp_size: int, batching, model, algorithm, attention_backend: str) -> None:
-    """Refuse, at start-up, what context parallelism does not cover yet."""
-    import logging
-
-    flag = f"--context-parallel-size {cp_size}"
-    if batching.qkv_format != "thd":
-        raise ValueError(f"{flag} splits packed sequences: it needs --qkv-format thd, got {batching.qkv_format}")
-    if model.is_moe:
-        raise ValueError(f"{flag} with a MoE model (--num-experts) is not tested yet; use CP 1 for MoE")
-    if algorithm is not None and algorithm.advantage_estimator == "gspo":
-        raise ValueError(
-            f"{flag}: --advantage-estimator gspo needs per-sequence ratios, which span CP ranks; not supported yet"
-        )
-    if attention_backend != "sdpa":
-        logging.getLogger(__name__).info(
-            "%s: --attention-backend %s runs the masked all-gather attention (sdpa) under CP", flag, attention_backend
-        )
