@@ -91,7 +91,8 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--max-tokens-per-gpu",
         type=int,
         default=None,
-        help="tokens per micro-batch and GPU; with --context-parallel-size N a micro-batch packs N x this, split over the N ranks",
+        help="tokens per micro-batch and GPU; with --context-parallel-size N a micro-batch packs N x this "
+        "over the N ranks",
     )
     g.add_argument("--qkv-format", choices=("thd", "sbhd"), default="thd", help="thd: packed sequences; sbhd: padded")
     g.add_argument(
