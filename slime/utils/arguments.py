@@ -18,6 +18,7 @@ __all__ = [
     "SFT_ROLLOUT_FUNCTION",
     "add_data_arguments",
     "add_rollout_arguments",
+    "data_parallel_size",
     "get_parser",
     "global_batch_size",
     "is_sft",
@@ -127,6 +128,18 @@ def starts_engines(args: argparse.Namespace) -> bool:
     return not is_sft(args) and not args.debug_train_only
 
 
+def data_parallel_size(args: argparse.Namespace) -> int:
+    """Trainer ranks holding different samples: world / (TP x CP); CP ranks share their DP rank's."""
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    model_parallel = args.tensor_model_parallel_size * args.context_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"{world} ranks are not divisible by --tensor-model-parallel-size x --context-parallel-size "
+            f"({args.tensor_model_parallel_size} x {args.context_parallel_size})"
+        )
+    return world // model_parallel
+
+
 def global_batch_size(args: argparse.Namespace) -> int:
     """Samples per optimizer step (slime's rule: rollout_batch_size x n_samples_per_prompt =
     global_batch_size x num_steps_per_rollout; by default the whole rollout is one step)."""
@@ -178,14 +191,7 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     from slime.backends.megatron_utils.arguments import check_parallel_sizes, resolve_loss_type
 
     check_parallel_sizes(args)
-    world = args.actor_num_nodes * args.actor_num_gpus_per_node
-    model_parallel = args.tensor_model_parallel_size * args.context_parallel_size
-    if world % model_parallel:
-        raise ValueError(
-            f"{world} ranks are not divisible by --tensor-model-parallel-size x --context-parallel-size "
-            f"({args.tensor_model_parallel_size} x {args.context_parallel_size})"
-        )
-    dp = world // model_parallel
+    dp = data_parallel_size(args)
     if gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
     if args.eval_prompt_data and len(args.eval_prompt_data) % 2:
