@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 tests/cp_dist_worker.py HF_DIR IN.pt OUT.pt
 
 IN.pt (``torch.save``; read with weights_only=True): {"samples" (with RL fields), "algorithm"
-(AlgorithmConfig fields), "max_tokens" (tokens per micro-batch of the whole CP group)}.
+and "gspo" (AlgorithmConfig fields), "max_tokens" (tokens per micro-batch of the whole CP group)}.
 `run_checks` builds three actors in turn, each on the same samples (one DP rank):
 
 * "sft_token": lean loss, per-token, dynamic packing: the pack's per-sample logits (and, at
@@ -11,7 +11,9 @@ IN.pt (``torch.save``; read with weights_only=True): {"samples" (with RL fields)
   at CP > 1 then "state": torch_dist save, HF export (into IN's "workdir"), weight-sync
   buckets, and a fresh actor resumed from the save;
 * "sft_sample": plain loss, per-sample, three samples per micro-batch: loss and gradients;
-* "policy": policy_loss (lean, per-token): compute_log_probs with entropy, loss, gradients, a step.
+* "policy": policy_loss (lean, per-token): compute_log_probs with entropy, loss, gradients, a step;
+* "gspo": policy_loss with --advantage-estimator gspo (IN's "gspo" fields), per-sample, three
+  samples per micro-batch: loss, gradients, a step.
 
 Rank 0 writes OUT.pt.
 """
@@ -113,6 +115,13 @@ def run_checks(hf_dir: str, spec: dict, cp: int) -> dict:
     entry.update(_grads(actor, samples))
     entry["metrics"] = actor.train_step(samples)
     result["policy"] = entry
+    ps.destroy_model_parallel()
+
+    gspo = AlgorithmConfig(**spec["gspo"])  # per-sequence ratios: statistics over both CP ranks
+    actor = build_actor(hf, BatchingArgs(micro_batch_size=3), len(samples), "policy_loss", gspo, cp=cp)
+    entry = _grads(actor, samples)
+    entry["metrics"] = actor.train_step(samples)
+    result["gspo"] = entry
     ps.destroy_model_parallel()
     return result
 

@@ -18,6 +18,7 @@ VOCAB = 849  # tiny-qwen3's tokenizer
 DIST_TIMEOUT_S = 300
 MAX_TOKENS = 160  # per micro-batch of the whole CP group: 80 per CP rank at CP=2
 RL = {"entropy_coef": 0.01, "use_kl_loss": True, "kl_loss_coef": 0.1, "kl_loss_type": "k3", "use_tis": True}
+GSPO = {"advantage_estimator": "gspo", "eps_clip": 0.02, "eps_clip_high": 0.03, "use_kl_loss": True, "kl_loss_coef": 0.05}
 
 
 def _samples() -> list[dict]:
@@ -72,18 +73,16 @@ def test_zigzag_split_and_merge():
 
 
 def test_cp_refuses_unsupported_layouts():
-    """At start-up (validate_trainer_args' flag check, before Ray): SBHD and GSPO under CP; MoE
-    (known once the HF config is read) when the actor is built."""
+    """At start-up (validate_trainer_args' flag check, before Ray): SBHD under CP; MoE (known
+    once the HF config is read) when the actor is built."""
     from test_slime_script_compat import _parse
 
     from slime.backends.megatron_utils.arguments import check_context_parallel, check_parallel_sizes
 
     with pytest.raises(ValueError, match="--context-parallel-size 2 splits packed sequences: it needs --qkv-format"):
         check_parallel_sizes(_parse(["--context-parallel-size", "2", "--qkv-format", "sbhd"]))
-    with pytest.raises(ValueError, match="--context-parallel-size 2: --advantage-estimator gspo"):
-        check_context_parallel(2, "thd", "gspo")
     with pytest.raises(ValueError, match="MoE"):
-        check_context_parallel(2, "thd", "grpo", is_moe=True)
+        check_context_parallel(2, "thd", is_moe=True)
     check_parallel_sizes(_parse(["--context-parallel-size", "2"]))  # accepted
 
 
@@ -101,6 +100,7 @@ def runs(tmp_path_factory):
     spec = {
         "samples": _samples(),
         "algorithm": dataclasses.asdict(AlgorithmConfig(**RL)),
+        "gspo": dataclasses.asdict(AlgorithmConfig(**GSPO)),
         "max_tokens": MAX_TOKENS,
         "workdir": str(tmp),
     }
@@ -127,10 +127,12 @@ def runs(tmp_path_factory):
 def _assert_grads(ours: dict, ref: dict, name: str) -> None:
     assert ours and set(ours) == set(ref), name
     for k, g in ours.items():
-        torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
+        # float32 noise scales with the tensor (a CP rank sums the K/V gradients in another order)
+        atol = max(1e-7, 1e-6 * float(ref[k].abs().max()))
+        torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=atol, msg=f"{name}: {k}")
 
 
-@pytest.mark.parametrize("check", ["sft_token", "sft_sample", "policy"])
+@pytest.mark.parametrize("check", ["sft_token", "sft_sample", "policy", "gspo"])
 def test_cp2_loss_and_gradients_equal_one_rank(runs, check):
     cp, ref, _, _ = runs
     assert cp[check]["loss"] == pytest.approx(ref[check]["loss"], rel=1e-6), check
@@ -142,7 +144,12 @@ def test_cp2_metrics_eval_and_log_probs_equal_one_rank(runs):
     packs 2 x --max-tokens-per-gpu at CP=2 (same micro-batches as one rank at twice the cap)."""
     cp, ref, samples, _ = runs
     assert cp["sft_token"]["eval"] == pytest.approx(ref["sft_token"]["eval"], rel=1e-6)
-    for check, keys in (("sft_token", ("loss",)), ("policy", ("loss", "pg_loss", "entropy", "kl_loss", "tis"))):
+    checks = (
+        ("sft_token", ("loss",)),
+        ("policy", ("loss", "pg_loss", "entropy", "kl_loss", "tis")),
+        ("gspo", ("loss", "pg_loss", "pg_clipfrac", "ppo_kl", "kl_loss")),
+    )
+    for check, keys in checks:
         got, want = cp[check]["metrics"], ref[check]["metrics"]
         for key in keys + ("grad_norm",):
             assert got[key] == pytest.approx(want[key], rel=1e-5), f"{check}: {key}"

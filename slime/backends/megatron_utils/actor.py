@@ -87,8 +87,7 @@ class MegatronActor:
         if self.info.cp_size > 1:
             from slime.backends.megatron_utils.arguments import check_context_parallel
 
-            estimator = algorithm.advantage_estimator if algorithm is not None else None
-            check_context_parallel(self.info.cp_size, batching.qkv_format, estimator, model.is_moe)
+            check_context_parallel(self.info.cp_size, batching.qkv_format, model.is_moe)
             if build.attention_backend != "sdpa":
                 logger.info("CP: --attention-backend %s runs the masked all-gather attention", build.attention_backend)
         cuda = torch.cuda.is_available()
@@ -119,10 +118,19 @@ class MegatronActor:
             vocab_start=self.info.tp_rank * padded // self.info.tp_size,
             algorithm=algorithm,
             chunk_tokens=self.cross_entropy.chunk_tokens,
+            segment_reduce=self._cp_sum() if self.info.cp_size > 1 else None,
         )
         self.peak_flops = self.throughput.peak_flops(build.bf16)
         self.step = 0
         self.ref = None  # ReferenceWeights, set by the initial-weight loaders when a KL term needs it
+
+    @staticmethod
+    def _cp_sum():
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils.context_parallel import cp_sum
+
+        return partial(cp_sum, group=ps.get_context_parallel_group())
 
     # ----------------------------------------------------------------- weights
     def load_hf(self, hf_dir: str) -> None:

@@ -141,12 +141,10 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
-    check_context_parallel(args.context_parallel_size, args.qkv_format, args.advantage_estimator)
+    check_context_parallel(args.context_parallel_size, args.qkv_format)
 
 
-def check_context_parallel(
-    cp_size: int, qkv_format: str, advantage_estimator: str | None = None, is_moe: bool = False
-) -> None:
+def check_context_parallel(cp_size: int, qkv_format: str, is_moe: bool = False) -> None:
     """Refuse what ``--context-parallel-size`` > 1 does not cover yet (`context_parallel`)."""
     if cp_size < 1:
         raise ValueError(f"--context-parallel-size must be >= 1, got {cp_size}")
@@ -155,8 +153,6 @@ def check_context_parallel(
     flag = f"--context-parallel-size {cp_size}"
     if qkv_format != "thd":
         raise ValueError(f"{flag} splits packed sequences: it needs --qkv-format thd, got {qkv_format}")
-    if advantage_estimator == "gspo":
-        raise ValueError(f"{flag}: --advantage-estimator gspo needs per-sequence ratios, which span CP ranks (not yet)")
     if is_moe:
         raise ValueError(f"{flag} with a MoE model (--num-experts) is not tested yet; use CP 1 for MoE")
 

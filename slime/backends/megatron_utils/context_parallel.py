@@ -37,6 +37,7 @@ __all__ = [
     "cp_attention",
     "cp_batching",
     "cp_gather",
+    "cp_sum",
     "padded_length",
     "split_micro_batch",
     "zigzag_merge",
@@ -209,3 +210,11 @@ def cp_batching(batching, cp_size: int):
         return batching
     return dataclasses.replace(batching, max_tokens_per_gpu=batching.max_tokens_per_gpu * cp_size)
 
+
+
+def cp_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the CP group with gradient (backward: the same sum of the gradients), for
+    per-sample statistics whose tokens span the ranks (gspo's sequence-mean ratios)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=group)
