@@ -18,7 +18,13 @@ VOCAB = 849  # tiny-qwen3's tokenizer
 DIST_TIMEOUT_S = 300
 MAX_TOKENS = 160  # per micro-batch of the whole CP group: 80 per CP rank at CP=2
 RL = {"entropy_coef": 0.01, "use_kl_loss": True, "kl_loss_coef": 0.1, "kl_loss_type": "k3", "use_tis": True}
-GSPO = {"advantage_estimator": "gspo", "eps_clip": 0.02, "eps_clip_high": 0.03, "use_kl_loss": True, "kl_loss_coef": 0.05}
+GSPO = {
+    "advantage_estimator": "gspo",
+    "eps_clip": 0.02,
+    "eps_clip_high": 0.03,
+    "use_kl_loss": True,
+    "kl_loss_coef": 0.05,
+}
 
 
 def _samples() -> list[dict]:

@@ -211,7 +211,6 @@ def cp_batching(batching, cp_size: int):
     return dataclasses.replace(batching, max_tokens_per_gpu=batching.max_tokens_per_gpu * cp_size)
 
 
-
 def cp_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over the CP group with gradient (backward: the same sum of the gradients), for
     per-sample statistics whose tokens span the ranks (gspo's sequence-mean ratios)."""
