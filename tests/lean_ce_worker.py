@@ -64,9 +64,9 @@ def compare_paths(vocab_size=301, padded=384, seq=37, hidden_size=16, chunk=5, s
 
 
 def main(out_path: str) -> None:
-    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
+    from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
 
-    info = init_parallel(2)
+    info = init_parallel(ParallelLayout(tensor=2))
     result = compare_paths()
     gathered = [None] * 2
     torch.distributed.all_gather_object(gathered, result)

@@ -16,7 +16,7 @@ def parallel():
     from slime.backends.megatron_utils.cpu_compat import disable_cpu_mode
     from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
-    yield init_parallel(1, seed=1234)
+    yield init_parallel(seed=1234)
     destroy_parallel()
     disable_cpu_mode()
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
     model_args = resolve_model_args(args)
-    init_parallel(1)
+    init_parallel()
     model = build_gpt_model(model_args, ModelBuildArgs())
     source = load_model_weights(model, args.input_dir)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
