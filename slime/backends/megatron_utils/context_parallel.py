@@ -17,10 +17,11 @@ so rotary positions stay exact), and this rank's tokens are, per sample, its two
 
 Attention (`cp_attention`): K and V are all-gathered over the CP group (autograd-aware: the
 backward sums every rank's K/V gradient back to its owner) and each local query attends to
-the keys of its own sample at positions <= its own, through a boolean mask built from the
-zigzag positions. Memory per layer: the whole micro-batch's K and V on every rank
-(2 x T x kv_heads x head_dim) plus, per sample, a [P / N, P] mask and score matrix: the K/V
-memory is not divided by N (a ring exchange would be; not built). Transformer Engine's CP
+the keys of its own sample at positions <= its own: per sample, two SDPA calls (one per
+query chunk) over the key prefix with a bottom-right causal alignment, no mask tensor.
+Memory per layer: the whole micro-batch's K and V on every rank (2 x T x kv_heads x
+head_dim): K/V memory is not divided by N (a ring exchange would be; not built); on CPU the
+math kernel also forms each chunk's [heads, P / 2N, prefix] scores. Transformer Engine's CP
 kernels are not used (TE is not installed here).
 """
 
@@ -179,27 +180,38 @@ def cp_attention(q, k, v, cu_seqlens, scale, dropout_p, group):
 
     q: [t, hq, d], k/v: [t, hkv, d], this rank's zigzag shard (t = total padded / N);
     ``cu_seqlens``: the global padded boundaries. Returns [t, hq, d].
+
+    The gathered shards are put back in sample order; then each of this rank's two query
+    chunks (positions [r c, (r+1) c) and [(2N-1-r) c, (2N-r) c)) attends to the key prefix
+    ending where the chunk ends, causally aligned to the bottom right (`causal_lower_right`:
+    query i of the chunk sees keys <= its own position). No mask tensor is built, so CUDA
+    keeps its flash / memory-efficient SDPA kernels.
     """
     import torch.distributed as dist
     import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
 
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     kv = _GatherKV.apply(torch.stack([k, v]), group)  # [N, 2, t, hkv, d]: one collective per layer
     bounds = (cu_seqlens // n).tolist()
-    padded = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for (s, e), p in zip(itertools.pairwise(bounds), padded):
+    for s, e in itertools.pairwise(bounds):
         if e == s:
             continue
-        q_pos = zigzag_positions(p, n, rank).to(q.device)
-        k_pos = torch.cat([zigzag_positions(p, n, j) for j in range(n)]).to(q.device)
-        ks = kv[:, 0, s:e].flatten(0, 1)  # [p, hkv, d], ranks' shards in rank order (k_pos)
-        vs = kv[:, 1, s:e].flatten(0, 1)
-        mask = (q_pos[:, None] >= k_pos[None, :])[None, None]
-        qi, ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (q[s:e], ks, vs))
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
-        outs.append(o.squeeze(0).transpose(0, 1))
+        c = (e - s) // 2
+        shards = kv[:, :, s:e].unflatten(2, (2, c))  # [N, 2 (k/v), 2 (chunk), c, hkv, d]
+        # Sample order: rank j holds chunks j and 2N-1-j, so the first halves come in rank
+        # order and the second halves in reverse rank order.
+        full = torch.cat([shards[:, :, 0], shards.flip(0)[:, :, 1]]).transpose(0, 1).flatten(1, 2)  # [2, P, hkv, d]
+        for half, chunk in enumerate((rank, 2 * n - 1 - rank)):
+            qi = q[s + half * c : s + (half + 1) * c].transpose(0, 1).unsqueeze(0)
+            end = (chunk + 1) * c
+            ki, vi = (x[:end].transpose(0, 1).unsqueeze(0) for x in (full[0], full[1]))
+            o = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=causal_lower_right(c, end), scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+            )
+            outs.append(o.squeeze(0).transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 
