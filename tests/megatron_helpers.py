@@ -67,7 +67,15 @@ def make_hf_checkpoint(family: str, out: Path, seed: int = 0, num_layers: int = 
 
 # ------------------------------------------------------------------ RL (policy_loss) helpers
 def build_actor(
-    hf_dir: Path, batching, global_batch_size: int, loss_type: str = "sft_loss", algorithm=None, tp: int = 1, optim=None
+    hf_dir: Path,
+    batching,
+    global_batch_size: int,
+    loss_type: str = "sft_loss",
+    algorithm=None,
+    tp: int = 1,
+    optim=None,
+    cp: int = 1,
+    cross_entropy=None,
 ):
     """A MegatronActor on the HF checkpoint's weights (process group set up by the actor)."""
     from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
@@ -77,11 +85,12 @@ def build_actor(
 
     actor = MegatronActor(
         ModelArgs(**hf_model_args(str(hf_dir))),
-        ModelBuildArgs(tensor_model_parallel_size=tp),
+        ModelBuildArgs(tensor_model_parallel_size=tp, context_parallel_size=cp),
         batching,
         optim or OptimizerArgs(lr=3e-3, weight_decay=0.0),
         TrainArgs(global_batch_size=global_batch_size, total_steps=10, loss_type=loss_type),
         algorithm,
+        cross_entropy,
     )
     actor.load_hf(str(hf_dir))
     return actor

@@ -30,7 +30,7 @@ def test_script_flags_parse(tmp_path, name):
     assert args.debug_train_only and args.calculate_per_token_loss
 
 
-RL_SCRIPTS = ["run-qwen3-4B.sh", "run-qwen3-4B-grpo-dapo.sh"]
+RL_SCRIPTS = ["run-qwen3-4B.sh", "run-qwen3-4B-grpo-dapo.sh", "run-glm4-9B.sh"]
 
 
 @pytest.mark.parametrize("name", RL_SCRIPTS)

@@ -62,11 +62,8 @@ def test_slime_sft_script_flags_parse_and_configure_the_actor():
 
 @pytest.mark.parametrize(
     "flag",
-    [
-        "--context-parallel-size", "--expert-model-parallel-size", "--expert-tensor-parallel-size",
-        "--num-layers-per-virtual-pipeline-stage",
-    ],
-)  # fmt: skip
+    ["--expert-model-parallel-size", "--expert-tensor-parallel-size", "--num-layers-per-virtual-pipeline-stage"],
+)
 def test_parallel_sizes_above_one_fail_at_start_up(flag):
     from slime.utils.arguments import validate_trainer_args
 

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     model_args = resolve_model_args(args)
-    info = init_parallel(ParallelLayout(tensor=args.tensor_model_parallel_size))
-    model = build_gpt_model(model_args, ModelBuildArgs(tensor_model_parallel_size=args.tensor_model_parallel_size))
+    build = ModelBuildArgs(tensor_model_parallel_size=args.tensor_model_parallel_size)
+    info = init_parallel(build.layout)
+    model = build_gpt_model(model_args, build)
     shards = hf_to_mcore(load_hf_state_dict(args.hf_checkpoint), model_args, info.tp_rank, info.tp_size)
     missing, unexpected = model.load_state_dict(shards, strict=False)
     if unexpected or [k for k in missing if not k.endswith("_extra_state")]:

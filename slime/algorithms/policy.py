@@ -21,6 +21,8 @@ Terms, with ratio_t = exp(log_probs_t - old_log_probs_t):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from slime.algorithms.config import AlgorithmConfig
@@ -55,14 +57,27 @@ def clipped_surrogate(
     return loss, clip_frac, dual_frac
 
 
-def sequence_mean(values: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-    """Each position gets the masked mean of ``values`` over its segment (sample); -1 = no segment."""
+def sequence_mean(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int | None = None,
+    segment_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each position gets the masked mean of ``values`` over its segment (sample); -1 = no segment.
+
+    Under context parallelism a sample's positions are spread over ranks: ``segment_reduce``
+    sums the ``[2, num_segments]`` per-segment (sums, counts) over those ranks, differentiably,
+    and ``num_segments`` (the samples of the micro-batch) keeps the shapes equal on every rank.
+    """
     flat_v, flat_m, seg = values.reshape(-1), mask.reshape(-1).to(values.dtype), segment_ids.reshape(-1)
     valid = seg >= 0
     idx = torch.where(valid, seg, torch.zeros_like(seg))
-    n = int(seg.max()) + 1 if seg.numel() else 0
+    n = num_segments if num_segments is not None else (int(seg.max()) + 1 if seg.numel() else 0)
     sums = flat_v.new_zeros(n).index_add(0, idx, flat_v * flat_m * valid)
     counts = flat_v.new_zeros(n).index_add(0, idx, flat_m * valid)
+    if segment_reduce is not None:
+        sums, counts = segment_reduce(torch.stack([sums, counts])).unbind(0)
     means = sums / counts.clamp_min(1)
     return torch.where(valid, means[idx], torch.zeros_like(flat_v)).view_as(values)
 
@@ -97,10 +112,13 @@ def policy_objective(
     ref_log_probs: torch.Tensor | None = None,
     rollout_log_probs: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    segment_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss contribution of these positions and its metrics (detached weighted sums).
 
-    ``segment_ids`` (sample index per position, -1 for none) is needed by gspo.
+    ``segment_ids`` (sample index per position, -1 for none) is needed by gspo; so are, under
+    context parallelism, ``num_segments`` and ``segment_reduce`` (see `sequence_mean`).
     ``rollout_log_probs`` is needed by --use-tis and gives the mismatch metric when present.
     Metrics (means over the tokens, or samples, that the weights define): pg_loss,
     pg_clipfrac / pg_dualclipfrac (fractions of tokens on the clipped / dual-clipped branch),
@@ -119,7 +137,7 @@ def policy_objective(
     if cfg.advantage_estimator == "gspo":
         if segment_ids is None:
             raise ValueError("gspo needs segment_ids to form per-sequence ratios")
-        log_ratio = sequence_mean(log_ratio, w > 0, segment_ids)
+        log_ratio = sequence_mean(log_ratio, w > 0, segment_ids, num_segments, segment_reduce)
     adv = advantages.to(log_probs.dtype)
     pg, clip_frac, dual_frac = clipped_surrogate(log_ratio, adv, cfg.eps_clip, cfg.clip_high, cfg.eps_clip_c)
     metrics: dict[str, torch.Tensor] = {}

@@ -32,13 +32,11 @@ class Trainer:
         from slime.utils.metrics_logger import MetricsLogger
 
         from slime.ray.rollout_engines import RolloutEngines, start_rollout_engines
-        from slime.utils.arguments import global_batch_size, is_sft, starts_engines
+        from slime.utils.arguments import data_parallel_size, global_batch_size, is_sft, starts_engines
 
         self.args, self.sft = args, is_sft(args)
         world = args.actor_num_nodes * args.actor_num_gpus_per_node
-        from slime.backends.megatron_utils.arguments import model_parallel_ranks
-
-        dp = world // model_parallel_ranks(args)
+        dp = data_parallel_size(args)
         # The trainer's placement group first: with --colocate the engines share its GPU bundles.
         self.pg, use_gpu = (None, False)
         if not args.debug_rollout_only:

@@ -18,6 +18,7 @@ __all__ = [
     "SFT_ROLLOUT_FUNCTION",
     "add_data_arguments",
     "add_rollout_arguments",
+    "data_parallel_size",
     "get_parser",
     "global_batch_size",
     "is_sft",
@@ -127,6 +128,19 @@ def starts_engines(args: argparse.Namespace) -> bool:
     return not is_sft(args) and not args.debug_train_only
 
 
+def data_parallel_size(args: argparse.Namespace) -> int:
+    """Trainer ranks holding different samples: world / (TP x PP x CP); the PP and CP ranks of a
+    DP rank share its rollout share."""
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world % (tp * pp * cp):
+        raise ValueError(
+            f"{world} ranks are not divisible by TP x PP x CP = {tp} x {pp} x {cp} "
+            "(--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size)"
+        )
+    return world // (tp * pp * cp)
+
+
 def global_batch_size(args: argparse.Namespace) -> int:
     """Samples per optimizer step (slime's rule: rollout_batch_size x n_samples_per_prompt =
     global_batch_size x num_steps_per_rollout; by default the whole rollout is one step)."""
@@ -175,19 +189,13 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
     if not args.rollout_batch_size:
         raise ValueError("--rollout-batch-size is required")
     gbs = global_batch_size(args)  # raises naming the flags when they disagree
-    from slime.backends.megatron_utils.arguments import check_parallel_sizes, model_parallel_ranks, resolve_loss_type
+    from slime.backends.megatron_utils.arguments import check_parallel_sizes, resolve_loss_type
 
     check_parallel_sizes(args)
     from slime.backends.megatron_utils.layer_spec_plugin import check_spec
 
     check_spec(args.spec)  # imports the --spec module now (a typo fails before Ray starts)
-    world = args.actor_num_nodes * args.actor_num_gpus_per_node
-    if world % model_parallel_ranks(args):
-        raise ValueError(
-            f"{world} ranks are not divisible by TP x PP x CP = {model_parallel_ranks(args)} "
-            "(--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size)"
-        )
-    dp = world // model_parallel_ranks(args)
+    dp = data_parallel_size(args)
     if gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
     if args.eval_prompt_data and len(args.eval_prompt_data) % 2:

@@ -86,6 +86,12 @@ class MegatronActor:
         self.info = init_parallel(build.layout, seed=train.seed)
         if train.global_batch_size % self.info.dp_size:
             raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")
+        if self.info.cp_size > 1:
+            from slime.backends.megatron_utils.arguments import check_context_parallel
+
+            check_context_parallel(self.info.cp_size, batching.qkv_format, model.is_moe)
+            if build.attention_backend != "sdpa":
+                logger.info("CP: --attention-backend %s runs the masked all-gather attention", build.attention_backend)
         cuda = torch.cuda.is_available()
         if build.bf16 and not cuda:
             raise ValueError("--bf16 needs CUDA; CPU runs train in fp32")
@@ -114,11 +120,20 @@ class MegatronActor:
             vocab_start=self.info.tp_rank * padded // self.info.tp_size,
             algorithm=algorithm,
             chunk_tokens=self.cross_entropy.chunk_tokens,
+            segment_reduce=self._cp_sum() if self.info.cp_size > 1 else None,
         )
         self.peak_flops = self.throughput.peak_flops(build.bf16)
         self.step = 0
         self.ref = None  # ReferenceWeights, set by the initial-weight loaders when a KL term needs it
         self._offload = TrainerOffload()  # --offload-train: the state leaves the device while engines generate
+
+    @staticmethod
+    def _cp_sum():
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils.context_parallel import cp_sum
+
+        return partial(cp_sum, group=ps.get_context_parallel_group())
 
     # ----------------------------------------------------------------- weights
     def load_hf(self, hf_dir: str) -> None:
@@ -229,7 +244,14 @@ class MegatronActor:
     def _micro_batches(self, samples: list[dict], batching: BatchingArgs) -> tuple[list[MicroBatch], int]:
         self._offload.check_resident("a forward pass")
         global_sup, global_samples = self._global_counts(samples)
-        mbs = make_micro_batches(samples, batching, global_sup, global_samples)
+        cp = self.info.cp_size
+        if cp > 1:  # the CP ranks share N x --max-tokens-per-gpu; each keeps its zigzag share
+            from slime.backends.megatron_utils.context_parallel import cp_batching, split_micro_batch
+
+            mbs = make_micro_batches(samples, cp_batching(batching, cp), global_sup, global_samples)
+            mbs = [split_micro_batch(mb, cp, self.info.cp_rank) for mb in mbs]
+        else:
+            mbs = make_micro_batches(samples, batching, global_sup, global_samples)
         pipeline.check_micro_batch_count(len(mbs))
         return [mb.to(self.info.device) for mb in mbs], global_sup
 
@@ -274,8 +296,9 @@ class MegatronActor:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        # With context parallel: each CP rank's loss terms are its own tokens' (global weights).
         t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
         return t.tolist()
 
     def train_step(self, samples: list[dict]) -> dict[str, float]:
@@ -291,7 +314,8 @@ class MegatronActor:
         # micro-batches and DP ranks gives the global means.
         keys = sorted({k for d in losses for k in d})
         per_key = [float(sum(d.get(k, 0.0) for d in losses)) for k in keys]
-        flops = train_flops(self.model_args, [len(s["tokens"]) for s in samples], self.padded_vocab_size)
+        # Every CP rank holds the same samples: each counts 1/N of their FLOPs.
+        flops = train_flops(self.model_args, [len(s["tokens"]) for s in samples], self.padded_vocab_size) / self.info.cp_size
         sums = self._dp_sum(per_key + [sum(mb.real_tokens for mb in mbs), sum(mb.capacity for mb in mbs), flops])
         loss_metrics, (real, capacity, flops) = dict(zip(keys, sums[: len(keys)])), sums[len(keys) :]
         moe_metrics = {}
@@ -435,6 +459,13 @@ class MegatronActor:
                 with_entropy=with_entropy,
             )  # fmt: skip
             per_position = {"log_probs": logp, **({"entropy": entropy} if with_entropy else {})}
+            if mb.cp is not None:  # this CP rank's tokens -> the full pack, where the spans point
+                from megatron.core import parallel_state as ps
+
+                from slime.backends.megatron_utils.context_parallel import cp_gather
+
+                group = ps.get_context_parallel_group()
+                per_position = {k: cp_gather(v, mb.cp, group) for k, v in per_position.items()}
             rows = [mb.response_positions(i) for i in range(mb.num_samples)]
             return {k: [values[row, cols].float().cpu() for row, cols in rows] for k, values in per_position.items()}
 
@@ -481,6 +512,8 @@ class MegatronActor:
         """Full-vocabulary logits of one sequence (gathered over TP), for parity checks."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+        if self.info.cp_size > 1:
+            raise ValueError("MegatronActor.logits runs one unsplit sequence: not under --context-parallel-size > 1")
         self.model.eval()
         ids = torch.tensor(tokens, device=self.info.device)[None]
 

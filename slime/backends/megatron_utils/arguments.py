@@ -12,6 +12,7 @@ __all__ = [
     "ActorConfig",
     "actor_config_from_args",
     "add_megatron_arguments",
+    "check_context_parallel",
     "check_parallel_sizes",
     "resolve_attention_backend",
     "resolve_loss_type",
@@ -22,7 +23,6 @@ ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "varlen", "flash", "fused",
 
 # Layouts parsed for slime's scripts but not built yet (issue "Parallelism and MoE parity").
 _NOT_YET = {
-    "context_parallel_size": ("--context-parallel-size", "context parallelism"),
     "expert_model_parallel_size": ("--expert-model-parallel-size", "expert parallelism (MoE)"),
     "expert_tensor_parallel_size": ("--expert-tensor-parallel-size", "expert tensor parallelism (MoE)"),
 }
@@ -43,8 +43,14 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         default=1,
         help="pipeline stages (1F1B schedule; virtual stages not yet); data parallelism = world / (TP x PP x CP)",
     )
-    for flag in ("--context-parallel-size", "--expert-model-parallel-size"):
+    for flag in ("--expert-model-parallel-size",):
         g.add_argument(flag, type=int, default=1)
+    g.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="split every packed sample over N ranks (zigzag, causal load balance; THD only; docs/backend.md)",
+    )
     g.add_argument(
         "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; default: the tensor parallel size"
     )
@@ -94,7 +100,13 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (all DP ranks)")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--use-dynamic-batch-size", action="store_true", help="pack micro-batches up to --max-tokens-per-gpu")
-    g.add_argument("--max-tokens-per-gpu", type=int, default=None)
+    g.add_argument(
+        "--max-tokens-per-gpu",
+        type=int,
+        default=None,
+        help="tokens per micro-batch and GPU; with --context-parallel-size N a micro-batch packs N x this "
+        "over the N ranks",
+    )
     g.add_argument("--qkv-format", choices=("thd", "sbhd"), default="thd", help="thd: packed sequences; sbhd: padded")
     g.add_argument(
         "--calculate-per-token-loss",
@@ -166,11 +178,25 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
     ):
         if value is not None:
             raise ValueError(f"{flag} {value}: virtual (interleaved) pipeline stages are not implemented yet")
+    check_context_parallel(args.context_parallel_size, args.qkv_format)
 
 
 def model_parallel_ranks(args: argparse.Namespace) -> int:
     """Ranks holding one copy of the model (TP x PP x CP); data parallelism takes the rest."""
     return args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+
+
+def check_context_parallel(cp_size: int, qkv_format: str, is_moe: bool = False) -> None:
+    """Refuse what ``--context-parallel-size`` > 1 does not cover yet (`context_parallel`)."""
+    if cp_size < 1:
+        raise ValueError(f"--context-parallel-size must be >= 1, got {cp_size}")
+    if cp_size == 1:
+        return
+    flag = f"--context-parallel-size {cp_size}"
+    if qkv_format != "thd":
+        raise ValueError(f"{flag} splits packed sequences: it needs --qkv-format thd, got {qkv_format}")
+    if is_moe:
+        raise ValueError(f"{flag} with a MoE model (--num-experts) is not tested yet; use CP 1 for MoE")
 
 
 def virtual_pipeline_size(args: argparse.Namespace, num_layers: int) -> int | None:

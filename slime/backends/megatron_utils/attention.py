@@ -13,6 +13,10 @@ place in the layer spec (same constructor and forward signature) and offers thre
 
 Positions restart per sample because megatron applies RoPE per ``cu_seqlens`` segment in THD.
 
+Under context parallelism (``--context-parallel-size`` > 1) every backend takes the masked
+all-gather path of `context_parallel.cp_attention` (sdpa with a zigzag-causal mask): the flex
+and varlen kernels are not wired for CP yet.
+
 ``--attention-softmax-in-fp32`` (``config.attention_softmax_in_fp32``) under bf16/fp16: flex and
 varlen keep the softmax statistics in fp32 inside the kernel already; sdpa gets q/k/v upcast to
 fp32 (exact softmax in fp32, at twice the activation memory of that call).
@@ -122,8 +126,12 @@ class PackedCoreAttention(MegatronModule):
         backend: str = "sdpa",
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("PackedCoreAttention does not support context parallelism")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state as ps
+
+            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            self.cp_group = cp if cp is not None else ps.get_context_parallel_group()
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
         self.backend = backend
@@ -153,6 +161,11 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # [t, heads, d]; megatron reshapes the output to [t, 1, heads * d].
             cu = packed_seq_params.cu_seqlens_q
+            if self.cp_group is not None:  # every backend: the masked path of `context_parallel`
+                from slime.backends.megatron_utils.context_parallel import cp_attention
+
+                out = cp_attention(query, key, value, cu, self.scale, dropout_p, self.cp_group)
+                return out.reshape(out.shape[0], -1).to(out_dtype)
             out = packed_attention(
                 query,
                 key,
@@ -165,6 +178,8 @@ class PackedCoreAttention(MegatronModule):
                 self._block_mask(cu, query.shape[0], query.device),
             )
             return out.reshape(out.shape[0], -1).to(out_dtype)
+        if self.cp_group is not None:
+            raise ValueError("context parallelism needs packed (THD) micro-batches (--qkv-format thd)")
         # [s, b, heads, d]: ordinary causal attention over each row of the batch.
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = F.scaled_dot_product_attention(

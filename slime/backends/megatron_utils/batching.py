@@ -22,8 +22,12 @@ that predicts their token, like the weights, and travel in ``MicroBatch.fields``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from slime.backends.megatron_utils.context_parallel import CPShard
 
 __all__ = [
     "TOKEN_FIELDS",
@@ -84,6 +88,7 @@ class MicroBatch:
     segment_ids: torch.Tensor | None = None  # same shape: index of the sample in this micro-batch, -1 on padding
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # TOKEN_FIELDS present, float32, same shape
     spans: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, start, length, response_length)
+    cp: CPShard | None = None  # this CP rank's share (`context_parallel.split_micro_batch`); spans: the full pack's
 
     def to(self, device) -> "MicroBatch":
         for name in ("tokens", "position_ids", "labels", "weights", "cu_seqlens", "segment_ids"):

@@ -45,12 +45,15 @@ class LossContext:
     algorithm: the RL algorithm flags (`policy_loss`); None for SFT.
     chunk_tokens: tokens per chunk when the model output is an `OutputHead` (`lean_ce`); 0 when
         the lean path is off (the model then returns logits).
+    segment_reduce: under context parallelism, sums per-sample statistics over the CP ranks
+        holding the other parts of the samples (`context_parallel.cp_sum`); None otherwise.
     """
 
     vocab_size: int
     vocab_start: int
     algorithm: "AlgorithmConfig | None" = None
     chunk_tokens: int = 0
+    segment_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.chunk_tokens < 0:
@@ -101,6 +104,8 @@ def policy_loss(logits: torch.Tensor, batch: MicroBatch, ctx: LossContext):
         ref_log_probs=fields.get("ref_log_probs"),
         rollout_log_probs=fields.get("rollout_log_probs"),
         segment_ids=batch.segment_ids,
+        num_segments=batch.num_samples,
+        segment_reduce=ctx.segment_reduce,
     )
 
 

@@ -107,6 +107,7 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         qk_layernorm=model.qk_layernorm,
         rotary_interleaved=model.rotary_interleaved,
         tensor_model_parallel_size=build.tensor_model_parallel_size,
+        context_parallel_size=build.context_parallel_size,
         sequence_parallel=build.sequence_parallel,
         bf16=build.bf16,
         params_dtype=dtype,
