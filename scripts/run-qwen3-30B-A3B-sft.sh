@@ -5,6 +5,7 @@
 #   DATA       SFT data (.jsonl / .parquet; OpenAI messages, see docs/sft_data.md)
 #   OUT        run directory (torch_dist conversion, checkpoints, metrics, HF export)
 #   NUM_GPUS   GPUs to train on (default 8); RAY_ADDRESS to use a running cluster instead
+#   EP         expert-parallel size (default NUM_GPUS; must divide NUM_GPUS and 128 experts)
 # Run `DRY_RUN=1 bash scripts/run-qwen3-30B-A3B-sft.sh` to print the training flags only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,14 +42,14 @@ SFT_ARGS=(
    --debug-train-only
 )
 
-# Experts are split by tensor parallelism (expert TP = TP) until expert parallelism lands;
-# slime's RL script runs this model at TP 4 x EP 8. megatron-core trains MoE at TP > 1 only
-# with --sequence-parallel.
+# slime's layout for this model: attention at TP 4, experts at EP (default: every GPU) with
+# expert TP 1; EP takes its ranks from data parallelism. megatron-core trains MoE at TP > 1
+# only with --sequence-parallel.
 PERF_ARGS=(
    --tensor-model-parallel-size 4
    --pipeline-model-parallel-size 1
    --context-parallel-size 1
-   --expert-model-parallel-size 1
+   --expert-model-parallel-size "${EP:-${NUM_GPUS}}"
    --expert-tensor-parallel-size 1
    --sequence-parallel
    --bf16

@@ -60,16 +60,23 @@ def test_slime_sft_script_flags_parse_and_configure_the_actor():
     assert transformer_config(cfg.model, cfg.build).sequence_parallel is False
 
 
-@pytest.mark.parametrize(
-    "flag",
-    ["--expert-model-parallel-size", "--expert-tensor-parallel-size", "--num-layers-per-virtual-pipeline-stage"],
-)
+@pytest.mark.parametrize("flag", ["--num-layers-per-virtual-pipeline-stage"])
 def test_parallel_sizes_above_one_fail_at_start_up(flag):
     from slime.utils.arguments import validate_trainer_args
 
     args = _parse([flag, "2"])
     with pytest.raises(ValueError, match=f"{flag} 2: .* not implemented yet"):
         validate_trainer_args(args)  # before any file is opened or Ray started
+
+
+def test_expert_parallel_flags_checked_at_start_up():
+    from slime.backends.megatron_utils.arguments import actor_config_from_args
+    from slime.utils.arguments import validate_trainer_args
+
+    with pytest.raises(ValueError, match="8 ranks are not divisible by --expert-model-parallel-size x"):
+        validate_trainer_args(_parse(["--expert-model-parallel-size", "3"]))  # 8 ranks
+    with pytest.raises(ValueError, match="--expert-model-parallel-size 2 needs a MoE model"):
+        actor_config_from_args(_parse(["--expert-model-parallel-size", "2"]), total_steps=10)  # Qwen3-4B is dense
 
 
 def test_attention_backend_choice_per_device(monkeypatch):

@@ -3,9 +3,9 @@
     python tools/convert_hf_to_torch_dist.py --hf-checkpoint /path/Qwen3-4B --save /path/Qwen3-4B_torch_dist
 
 Model flags are optional: they are derived from the HF config.json (given ones are checked
-against it). The result loads at any tensor-parallel size with --ref-load / --load.
-Runs in one process (CPU is fine); torchrun with --tensor-model-parallel-size N shards the
-conversion for models too large for one process.
+against it). The result loads at any tensor/expert-parallel size with --ref-load / --load.
+Runs in one process (CPU is fine); torchrun with --tensor-model-parallel-size N (and, for MoE,
+--expert-model-parallel-size E) shards the conversion for models too large for one process.
 """
 
 from __future__ import annotations
@@ -21,20 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-checkpoint", required=True)
     p.add_argument("--save", required=True, help="output directory")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1, help="MoE: experts split over this many ranks")
     add_model_arguments(p)
     args = p.parse_args(argv)
 
     from slime.backends.megatron_utils.checkpoint import save_model_weights
+    from slime.backends.megatron_utils.expert_parallel import placement
     from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
     from slime.backends.megatron_utils.model_config import resolve_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
     from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     model_args = resolve_model_args(args)
-    build = ModelBuildArgs(tensor_model_parallel_size=args.tensor_model_parallel_size)
+    build = ModelBuildArgs(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+    )
     info = init_parallel(build.layout)
     model = build_gpt_model(model_args, build)
-    shards = hf_to_mcore(load_hf_state_dict(args.hf_checkpoint), model_args, info.tp_rank, info.tp_size)
+    shards = hf_to_mcore(load_hf_state_dict(args.hf_checkpoint), model_args, info.tp_rank, info.tp_size, placement())
     missing, unexpected = model.load_state_dict(shards, strict=False)
     if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
         raise SystemExit(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

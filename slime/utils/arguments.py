@@ -196,6 +196,13 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
 
     check_spec(args.spec)  # imports the --spec module now (a typo fails before Ray starts)
     dp = data_parallel_size(args)
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    from slime.backends.megatron_utils.expert_parallel import check_world
+
+    check_world(
+        world, args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+    )  # fmt: skip
     if gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by the data-parallel size {dp}")
     if args.eval_prompt_data and len(args.eval_prompt_data) % 2:

@@ -83,6 +83,10 @@ class MegatronActor:
         self.loss_fn = resolve_loss(train.loss_type, train.custom_loss_function_path)
         self.cross_entropy = cross_entropy or CrossEntropyConfig()
         self.throughput = throughput or ThroughputConfig()
+        from slime.backends.megatron_utils.expert_parallel import MicroBatchAlignment, check_expert_layout
+
+        check_expert_layout(model, build)
+        self.alignment = MicroBatchAlignment.for_layout(model, build)  # EP / sequence-parallel padding
         self.info = init_parallel(build.layout, seed=train.seed)
         if train.global_batch_size % self.info.dp_size:
             raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")
@@ -137,11 +141,13 @@ class MegatronActor:
 
     # ----------------------------------------------------------------- weights
     def load_hf(self, hf_dir: str) -> None:
-        """Initial weights from a HF checkpoint, converted in memory for this TP rank (and, when
-        a KL term needs one, the reference copy)."""
+        """Initial weights from a HF checkpoint, converted in memory for this TP rank and its
+        experts (and, when a KL term needs one, the reference copy)."""
+        from slime.backends.megatron_utils.expert_parallel import placement
         from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
 
-        shards = hf_to_mcore(load_hf_state_dict(hf_dir), self.model_args, self.info.tp_rank, self.info.tp_size)
+        state = load_hf_state_dict(hf_dir)
+        shards = hf_to_mcore(state, self.model_args, self.info.tp_rank, self.info.tp_size, placement())
         if self.info.pp_size > 1:  # this stage's layers, renamed to local indices
             shards = pipeline.to_stage(shards, self.model.config, self._tied)
         self.load_state(shards)
@@ -232,7 +238,9 @@ class MegatronActor:
                 max_seqlen_q=mb.max_seqlen,
                 max_seqlen_kv=mb.max_seqlen,
             )
-        return model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp)
+        # Padding (EP alignment, sequence parallelism) is masked out of MoE routing statistics.
+        extra = {} if mb.padding_mask is None else {"padding_mask": mb.padding_mask}
+        return model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp, **extra)
 
     def _loss(self, mb: MicroBatch, output):
         if isinstance(output, OutputHead) and self.loss_fn not in LOSSES.values():
@@ -252,6 +260,7 @@ class MegatronActor:
             mbs = [split_micro_batch(mb, cp, self.info.cp_rank) for mb in mbs]
         else:
             mbs = make_micro_batches(samples, batching, global_sup, global_samples)
+            mbs = self.alignment.align(mbs, partial(make_micro_batches, samples, batching, global_sup, global_samples))
         pipeline.check_micro_batch_count(len(mbs))
         return [mb.to(self.info.device) for mb in mbs], global_sup
 
@@ -407,14 +416,12 @@ class MegatronActor:
         return None if shards is None else mcore_to_hf(shards, self.model_args)
 
     def gather_tp(self, shard: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
-        """Every TP rank's ``shard`` (CPU tensors), in TP rank order, on global rank 0; None
-        elsewhere. A collective of this rank's TP group: all its ranks must call it."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
+        """Every TP rank's ``shard`` (CPU tensors), in TP rank order, with every EP rank's experts
+        under their global index (`expert_parallel.gather_shards`), on global rank 0; None
+        elsewhere. A collective of this rank's TP (and expert-parallel) group."""
+        from slime.backends.megatron_utils.expert_parallel import gather_shards
 
-        shards = [None] * self.info.tp_size
-        dist.all_gather_object(shards, shard, group=ps.get_tensor_model_parallel_group())
-        return shards if self.info.rank == 0 else None
+        return gather_shards(shard, self.info)
 
     def iter_hf_buckets(self, bucket_bytes: int):
         """The current weights as lists of (HF name, full tensor), each list at most
@@ -515,16 +522,17 @@ class MegatronActor:
         if self.info.cp_size > 1:
             raise ValueError("MegatronActor.logits runs one unsplit sequence: not under --context-parallel-size > 1")
         self.model.eval()
-        ids = torch.tensor(tokens, device=self.info.device)[None]
+        m = self.alignment.multiple  # sequence parallelism: pad to a multiple of TP (causal: the end is unseen)
+        ids = torch.tensor(tokens + [0] * (-len(tokens) % m), device=self.info.device)[None]
 
         def full_logits(_mb, out) -> torch.Tensor:
             if isinstance(out, OutputHead):
                 out = out.logits()
             out = gather_from_tensor_model_parallel_region(out)
-            return out[0, :, : self.model_args.vocab_size].float().cpu()
+            return out[0, : len(tokens), : self.model_args.vocab_size].float().cpu()
 
         if self.info.pp_size > 1:  # the last stage's logits, on every stage
             mb = pipeline.unpacked_batch(ids)
             return pipeline.last_stage_outputs(self._run_schedule, [mb], full_logits)[0]
-        out = self.model(ids, torch.arange(len(tokens), device=self.info.device)[None], attention_mask=None)
+        out = self.model(ids, torch.arange(ids.shape[1], device=self.info.device)[None], attention_mask=None)
         return full_logits(None, out)

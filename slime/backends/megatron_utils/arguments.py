@@ -23,8 +23,6 @@ ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "varlen", "flash", "fused",
 
 # Layouts parsed for slime's scripts but not built yet (issue "Parallelism and MoE parity").
 _NOT_YET = {
-    "expert_model_parallel_size": ("--expert-model-parallel-size", "expert parallelism (MoE)"),
-    "expert_tensor_parallel_size": ("--expert-tensor-parallel-size", "expert tensor parallelism (MoE)"),
 }
 
 
@@ -35,7 +33,8 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument(
         "--sequence-parallel",
         action="store_true",
-        help="shard activations over the sequence between TP regions (Megatron-LM); off at TP 1, as there",
+        help="split activations over TP ranks along the sequence; needed by MoE at TP > 1 "
+        "(pads tokens to a multiple of TP); off at TP 1, as in Megatron-LM",
     )
     g.add_argument(
         "--pipeline-model-parallel-size",
@@ -43,8 +42,6 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         default=1,
         help="pipeline stages (1F1B schedule; virtual stages not yet); data parallelism = world / (TP x PP x CP)",
     )
-    for flag in ("--expert-model-parallel-size",):
-        g.add_argument(flag, type=int, default=1)
     g.add_argument(
         "--context-parallel-size",
         type=int,
@@ -52,7 +49,16 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help="split every packed sample over N ranks (zigzag, causal load balance; THD only; docs/backend.md)",
     )
     g.add_argument(
-        "--expert-tensor-parallel-size", type=int, default=None, help="MoE only; default: the tensor parallel size"
+        "--expert-model-parallel-size",
+        type=int,
+        default=1,
+        help="MoE: ranks each layer's experts are split over, taken from the data-parallel ranks (docs/moe.md)",
+    )
+    g.add_argument(
+        "--expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="MoE: ranks each expert is split over; must divide TP (default: the tensor parallel size)",
     )
     g.add_argument(
         "--num-layers-per-virtual-pipeline-stage",
@@ -355,7 +361,9 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
         throughput=ThroughputConfig.from_args(args),
         attention_note=f"attention: --attention-backend {args.attention_backend} -> {backend} ({why})",
     )
+    from slime.backends.megatron_utils.expert_parallel import check_expert_layout
     from slime.backends.megatron_utils.pipeline import check_pipeline_layout
 
     check_pipeline_layout(config.model, config.build)  # at start-up, before any process group
+    check_expert_layout(config.model, config.build)
     return config

@@ -14,6 +14,15 @@ weights fixed here, before the step, from global counts:
 So the loss is the same whatever the micro-batching, packing, DP or TP layout, and gradients
 are summed (never averaged) across micro-batches and DP ranks.
 
+Layouts whose ranks run collectives inside every forward need the micro-batches to line up:
+under expert parallelism each EP rank must run as many micro-batches as the others
+(``num_micro_batches``: the greedy groups are split further, then empty ones added), and
+sequence parallelism (TP > 1) or the all-gather token dispatcher need token counts that tile
+the TP group or match across EP ranks (`pad_micro_batch`). Padding positions get weight 0 and
+a segment of their own (so they attend to nothing real and no sample attends to them) and
+``segment_ids`` -1, which is also the MoE routers' padding mask (excluded from the
+load-balancing loss and the router statistics).
+
 RL samples also carry per-response-token values (``TOKEN_FIELDS``: advantages, old / reference /
 engine log-probs, one value per response token as in slime). They are placed on the position
 that predicts their token, like the weights, and travel in ``MicroBatch.fields``.
@@ -34,6 +43,7 @@ __all__ = [
     "BatchingArgs",
     "MicroBatch",
     "make_micro_batches",
+    "pad_micro_batch",
     "partition_dynamic",
     "partition_fixed",
     "token_weights",
@@ -97,6 +107,13 @@ class MicroBatch:
                 setattr(self, name, t.to(device, non_blocking=True))
         self.fields = {k: v.to(device, non_blocking=True) for k, v in self.fields.items()}
         return self
+
+    @property
+    def padding_mask(self) -> torch.Tensor | None:
+        """True on padding positions (megatron's MoE routing mask), None when there are none."""
+        if self.segment_ids is None or self.real_tokens == self.tokens.numel():
+            return None
+        return self.segment_ids < 0
 
     def response_positions(self, i: int) -> tuple[int, slice]:
         """(row, positions) whose predictions are sample i's response tokens, in order."""
@@ -167,6 +184,72 @@ def partition_fixed(n: int, micro_batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
 
 
+def split_to_count(groups: list[list[int]], lengths: list[int], count: int) -> list[list[int]]:
+    """At least ``count`` groups, in sample order: the group of most tokens (with two or more
+    samples) is split in two until there are enough; then empty groups are appended."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        splittable = [i for i, g in enumerate(groups) if len(g) > 1]
+        if not splittable:
+            groups += [[] for _ in range(count - len(groups))]
+            break
+        i = max(splittable, key=lambda j: sum(lengths[k] for k in groups[j]))
+        g = groups[i]
+        groups[i : i + 1] = [g[: len(g) // 2], g[len(g) // 2 :]]
+    return groups
+
+
+def _empty(length: int) -> MicroBatch:
+    """A micro-batch of padding only (a rank with fewer samples than micro-batches elsewhere)."""
+    zeros = torch.zeros(1, length, dtype=torch.long)
+    return MicroBatch(
+        tokens=zeros,
+        position_ids=torch.arange(length)[None],
+        labels=zeros.clone(),
+        weights=torch.zeros(1, length, dtype=torch.float64),
+        cu_seqlens=torch.tensor([0, length], dtype=torch.int32),
+        max_seqlen=length,
+        num_samples=0,
+        real_tokens=0,
+        capacity=length,
+        supervised_tokens=0,
+        segment_ids=torch.full((1, length), -1, dtype=torch.long),
+    )
+
+
+def pad_micro_batch(mb: MicroBatch, length: int) -> MicroBatch:
+    """``mb`` (packed THD) padded to ``length`` tokens: one padding segment at the end, weight
+    0, positions from 0, segment id -1 (see the module docstring). Returns ``mb`` itself when
+    it already has ``length`` tokens."""
+    n = mb.tokens.shape[-1]
+    if mb.cu_seqlens is None or mb.tokens.shape[0] != 1:
+        raise ValueError("padding micro-batches needs packed sequences (--qkv-format thd)")
+    if length < n:
+        raise ValueError(f"cannot pad a micro-batch of {n} tokens to {length}")
+    if length == n:
+        return mb
+    extra = length - n
+
+    def cat(t: torch.Tensor, fill) -> torch.Tensor:
+        return torch.cat([t, t.new_full((1, extra), fill)], dim=1)
+
+    return MicroBatch(
+        tokens=cat(mb.tokens, 0),
+        position_ids=torch.cat([mb.position_ids, torch.arange(extra, dtype=mb.position_ids.dtype)[None]], dim=1),
+        labels=cat(mb.labels, 0),
+        weights=cat(mb.weights, 0.0),
+        cu_seqlens=torch.cat([mb.cu_seqlens, mb.cu_seqlens.new_tensor([length])]),
+        max_seqlen=max(mb.max_seqlen, extra),
+        num_samples=mb.num_samples,
+        real_tokens=mb.real_tokens,
+        capacity=max(mb.capacity, length),
+        supervised_tokens=mb.supervised_tokens,
+        segment_ids=cat(mb.segment_ids, -1),
+        fields={k: cat(v, 0.0) for k, v in mb.fields.items()},
+        spans=list(mb.spans),
+    )
+
+
 def _pack(
     samples: list[dict], weights: list[torch.Tensor], capacity: int, fields: list[dict[str, torch.Tensor]]
 ) -> MicroBatch:
@@ -231,11 +314,17 @@ def _pad(samples: list[dict], weights: list[torch.Tensor], fields: list[dict[str
 
 
 def make_micro_batches(
-    samples: list[dict], args: BatchingArgs, global_supervised: int, global_samples: int
+    samples: list[dict],
+    args: BatchingArgs,
+    global_supervised: int,
+    global_samples: int,
+    num_micro_batches: int = 0,
 ) -> list[MicroBatch]:
-    """This rank's micro-batches for one optimizer step; samples keep their order across them."""
+    """This rank's micro-batches for one optimizer step; samples keep their order across them.
+    ``num_micro_batches``: at least that many (`split_to_count`; empty ones are one padding
+    token each), so that ranks with collectives in every forward run the same number."""
     if not samples:
-        return []
+        return [_empty(1) for _ in range(num_micro_batches)]
     weights = token_weights(samples, args.calculate_per_token_loss, global_supervised, global_samples)
     keys = _present_fields(samples)
     fields = [{k: _position_field(s, k, i) for k in keys} for i, s in enumerate(samples)]
@@ -244,8 +333,15 @@ def make_micro_batches(
         groups = partition_dynamic(lengths, args.max_tokens_per_gpu)
     else:
         groups = partition_fixed(len(samples), args.micro_batch_size)
+    if num_micro_batches > len(groups):
+        if args.qkv_format != "thd":
+            raise ValueError("aligning micro-batch counts across expert-parallel ranks needs --qkv-format thd")
+        groups = split_to_count(groups, lengths, num_micro_batches)
     out = []
     for g in groups:
+        if not g:
+            out.append(_empty(1))
+            continue
         chosen, w, f = [samples[i] for i in g], [weights[i] for i in g], [fields[i] for i in g]
         if args.qkv_format == "thd":
             cap = args.max_tokens_per_gpu if args.use_dynamic_batch_size else sum(lengths[i] for i in g)

@@ -14,6 +14,10 @@ megatron-core assumes CUDA in a few spots that do no CUDA work of their own: it 
 * ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` / ``Event`` -> `_CpuStream` no-ops: the
   MoE all-to-all token dispatcher copies token counts to the host on a side stream and waits
   on an event; CPU work is synchronous, so there is nothing to order;
+* the MoE all-to-all dispatcher (expert parallelism) moves its token split sizes to the host
+  with ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which converts only CUDA tensors: on
+  CPU the splits stay tensors and gloo's ``all_to_all_single`` rejects them as split sizes.
+  `_counts_to_host` converts CPU tensors too (the same numpy arrays the GPU path gets);
 * megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; the
   optimizer gets the same scaling (grads * max_norm / (norm + 1e-6) when that is < 1) without
   the assert. The norm itself is megatron's (its no-apex fallback, placed on CPU by the mode).
@@ -127,9 +131,12 @@ def enable_cpu_mode() -> None:
     tp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
 
     from megatron.core.optimizer import optimizer as mcore_optimizer
+    from megatron.core.transformer.moe import token_dispatcher
 
     _STATE["clip"] = mcore_optimizer.clip_grad_by_total_norm_fp32
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    _STATE["to_host"] = token_dispatcher.maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _counts_to_host
     _STATE["mode"] = _CudaToCpu()
     _STATE["mode"].__enter__()
     logger.info("megatron-core CPU mode enabled (gloo, fp32)")
@@ -147,6 +154,13 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             g.mul_(clip_coeff)
 
 
+def _counts_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's maybe_move_tensor_to_cpu for CPU tensors: ``as_numpy`` converts them too."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
 @contextlib.contextmanager
 def cpu_mode():
     """``with cpu_mode():`` for tests that need it scoped."""
@@ -162,8 +176,10 @@ def disable_cpu_mode() -> None:
         return
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     _STATE["mode"].__exit__(None, None, None)
+    token_dispatcher.maybe_move_tensor_to_cpu = _STATE["to_host"]
     for name, fn in _STATE["cuda"].items():
         setattr(torch.cuda, name, fn)
     tp_random._set_cuda_rng_state, tp_random._get_cuda_rng_state = _STATE["rng"]

@@ -15,8 +15,10 @@ Megatron's names are those of `model_provider.build_gpt_model` (local layer spec
   ``mlp.experts.local_experts.{j}`` (megatron's SequentialMLP), each split like a dense MLP
   (megatron's expert-tensor-parallel size defaults to TP); Qwen2-MoE's ``shared_expert`` is
   ``mlp.shared_experts`` (split like a dense MLP) and its ``shared_expert_gate`` is
-  ``mlp.shared_experts.gate_weight`` (replicated). With expert parallelism (later) rank e of
-  E would hold experts ``e * n/E ...`` as local 0..n/E-1: `_expert_ids` is that one place.
+  ``mlp.shared_experts.gate_weight`` (replicated). With expert parallelism rank e of E holds
+  experts ``e * n/E ...`` as local 0..n/E-1, each split over the expert-tensor-parallel
+  ranks (`expert_parallel.ExpertPlacement`); `mcore_to_hf` takes experts under their global
+  index (`expert_parallel.gather_shards` renames them), the ETP slices in the first ETP shards.
 
 `hf_to_mcore` gives one rank's shards; `mcore_to_hf` takes every rank's and gives HF tensors
 back bit-exactly (only reshapes, splits and concatenations: no arithmetic).
@@ -102,17 +104,13 @@ def _mlp_to_hf(shards, mc_prefix: str, hf: dict, hf_prefix: str, fused: bool = F
     hf[hf_prefix + "down_proj.weight"] = torch.cat([s[mc_prefix + "linear_fc2.weight"] for s in shards], dim=1)
 
 
-def _expert_ids(m: ModelArgs) -> list[tuple[int, int]]:
-    """(megatron local index, HF expert index) of this rank's experts (all of them: no EP yet)."""
-    return [(j, j) for j in range(m.num_experts)]
-
-
-def _moe_to_mcore(hf, h: str, out: dict, g: str, m: ModelArgs, tp_rank: int, tp_size: int) -> None:
+def _moe_to_mcore(hf, h: str, out: dict, g: str, m: ModelArgs, tp_rank: int, tp_size: int, experts) -> None:
     out[g + "mlp.router.weight"] = hf[h + "mlp.gate.weight"]
     if m.moe_router_enable_expert_bias:  # megatron's aux-loss-free balancing bias; HF Qwen has none
         out[g + "mlp.router.expert_bias"] = torch.zeros(m.num_experts, dtype=torch.float32)
-    for local, expert in _expert_ids(m):
-        _mlp_to_mcore(hf, f"{h}mlp.experts.{expert}.", out, f"{g}mlp.experts.local_experts.{local}.", tp_rank, tp_size)
+    for local, expert in experts.expert_ids(m.num_experts):
+        mc = f"{g}mlp.experts.local_experts.{local}."
+        _mlp_to_mcore(hf, f"{h}mlp.experts.{expert}.", out, mc, experts.etp_rank, experts.etp_size)
     if m.moe_shared_expert_intermediate_size:
         _mlp_to_mcore(hf, h + "mlp.shared_expert.", out, g + "mlp.shared_experts.", tp_rank, tp_size)
         if m.moe_shared_expert_gate:
@@ -121,16 +119,25 @@ def _moe_to_mcore(hf, h: str, out: dict, g: str, m: ModelArgs, tp_rank: int, tp_
 
 def _moe_to_hf(shards, g: str, hf: dict, h: str, m: ModelArgs) -> None:
     hf[h + "mlp.gate.weight"] = shards[0][g + "mlp.router.weight"]
-    for local, expert in _expert_ids(m):
-        _mlp_to_hf(shards, f"{g}mlp.experts.local_experts.{local}.", hf, f"{h}mlp.experts.{expert}.")
+    for expert in range(m.num_experts):  # global indices; the ETP slices are the shards holding them
+        mc = f"{g}mlp.experts.local_experts.{expert}."
+        slices = [s for s in shards if mc + "linear_fc1.weight" in s]
+        _mlp_to_hf(slices, mc, hf, f"{h}mlp.experts.{expert}.")
     if g + "mlp.shared_experts.linear_fc1.weight" in shards[0]:
         _mlp_to_hf(shards, g + "mlp.shared_experts.", hf, h + "mlp.shared_expert.")
     if g + "mlp.shared_experts.gate_weight" in shards[0]:
         hf[h + "mlp.shared_expert_gate.weight"] = shards[0][g + "mlp.shared_experts.gate_weight"]
 
 
-def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
-    """One TP rank's megatron state dict from a HF state dict (``model.*``, ``lm_head.weight``)."""
+def hf_to_mcore(
+    hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, tp_size: int = 1, experts=None
+) -> dict[str, torch.Tensor]:
+    """One rank's megatron state dict from a HF state dict (``model.*``, ``lm_head.weight``):
+    TP rank ``tp_rank`` of ``tp_size`` and, for MoE, the experts of ``experts`` (an
+    `expert_parallel.ExpertPlacement`; default: every expert, split like the dense MLPs)."""
+    from slime.backends.megatron_utils.expert_parallel import ExpertPlacement
+
+    experts = experts or ExpertPlacement(etp_rank=tp_rank, etp_size=tp_size)
     if m.num_query_groups % tp_size:
         raise ValueError(f"--num-query-groups {m.num_query_groups} is not divisible by TP {tp_size}")
     padded = m.padded_vocab_size(tp_size)
@@ -150,7 +157,7 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelArgs, tp_rank: int = 0, 
             out[g + "self_attention.linear_qkv.bias"] = _chunk(bias, tp_rank, tp_size)
         out[g + "self_attention.linear_proj.weight"] = _chunk(hf[a + "o_proj.weight"], tp_rank, tp_size, dim=1)
         if pattern[i]:
-            _moe_to_mcore(hf, h, out, g, m, tp_rank, tp_size)
+            _moe_to_mcore(hf, h, out, g, m, tp_rank, tp_size, experts)
         else:
             _mlp_to_mcore(hf, h + "mlp.", out, g + "mlp.", tp_rank, tp_size)
     out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]

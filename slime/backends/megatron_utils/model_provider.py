@@ -108,6 +108,9 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         rotary_interleaved=model.rotary_interleaved,
         tensor_model_parallel_size=build.tensor_model_parallel_size,
         context_parallel_size=build.context_parallel_size,
+        # Megatron marks expert params for the expert-data-parallel gradient reduction from these.
+        expert_model_parallel_size=build.expert_model_parallel_size,
+        expert_tensor_parallel_size=build.expert_tensor_parallel_size,
         sequence_parallel=build.sequence_parallel,
         bf16=build.bf16,
         params_dtype=dtype,

@@ -40,7 +40,6 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
     save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler, TopKRouter
@@ -126,7 +125,8 @@ class SlimeTopKRouter(TopKRouter):
     def routing(self, logits, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training and torch.is_grad_enabled():
-            self.routed_tokens += routing_map.sum(dim=0).to(self.routed_tokens.device, torch.float64)
+            counted = routing_map if padding_mask is None else routing_map & ~padding_mask.reshape(-1, 1)
+            self.routed_tokens += counted.sum(dim=0).to(self.routed_tokens.device, torch.float64)
         return probs, routing_map
 
     def attach_and_log_load_balancing_loss(
@@ -139,6 +139,12 @@ class SlimeTopKRouter(TopKRouter):
         reduce_group_has_dp=False,
         valid_token_count=None,
     ):
+        if torch.is_tensor(valid_token_count) and int(valid_token_count) == 0:
+            # No real token here (a padding-only micro-batch, see expert_parallel): the masked
+            # loss is exactly 0 but megatron's formula divides 0 by 0, a NaN in the router grads.
+            # The count is a tensor only when a padding mask was given: one host sync per MoE
+            # layer of a padded micro-batch.
+            aux_loss = torch.zeros_like(aux_loss).detach()
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         # megatron's tracker is process-global and sized by the first model that logs: a later
         # model of another depth in the same process (tests, converters) starts its own.
@@ -177,11 +183,34 @@ def moe_block_spec(config, m: ModelArgs, core_attention_spec):
         mlp = spec.submodules.mlp
         if hasattr(mlp.submodules, "router"):  # MoESubmodules (dense layers hold MLPSubmodules)
             mlp.submodules.router = SlimeTopKRouter
+    if config.sequence_parallel:  # MoE at TP > 1 (megatron trains it with sequence parallelism only)
+        from slime.backends.megatron_utils.sp_norm import use_sequence_parallel_norms
+
+        use_sequence_parallel_norms(block)
     return block
 
 
 def _routers(model) -> list:
     return [mod for mod in model.modules() if isinstance(mod, SlimeTopKRouter)]
+
+
+def _reduce_tracked(values: torch.Tensor, entry: dict) -> None:
+    """megatron's reduce_aux_losses_tracker_across_ranks for one entry, with the DP average as a
+    sum and a division (its ReduceOp.AVG is NCCL-only: gloo refuses it). The per-layer values
+    are summed over pipeline stages and the entry's reduce group (TP x CP: each rank holds part
+    of a micro-batch's tokens), then averaged over DP ranks."""
+    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+    group = entry.get("reduce_group")
+    if group is not None:
+        dist.all_reduce(values, group=group)
+        if not entry.get("reduce_group_has_dp", False):
+            dp = ps.get_data_parallel_group(with_context_parallel=False)
+            dist.all_reduce(values, group=dp)
+            values /= dist.get_world_size(dp)
+    avg = entry.get("avg_group")
+    if avg is not None:
+        dist.all_reduce(values, group=avg)
+        values /= dist.get_world_size(avg)
 
 
 def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
@@ -190,20 +219,27 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
     by its coefficient) and router statistics of the routed tokens summed over the step and
     the DP group: ``moe/expert_load_max`` (busiest expert's share / uniform share, mean over
     layers; 1 = balanced) and ``moe/experts_unused`` (fraction of (layer, expert) pairs that
-    got no token). Every rank of the DP group must call it (collectives); {} for a dense model."""
+    got no token; under sequence parallelism summed over the TP ranks' token slices; padding
+    excluded). Every rank must call it (collectives of its DP, TP and PP groups); {} for a
+    dense model."""
     routers = _routers(model)
     if not routers:
         return {}
     out: dict[str, float] = {}
     tracker = get_moe_layer_wise_logging_tracker()
+    distributed = dist.is_initialized() and ps.model_parallel_is_initialized()
     if tracker:
-        reduce_aux_losses_tracker_across_ranks()
         for name, entry in tracker.items():
-            out[f"moe/{name}"] = float(entry["values"].sum()) / len(routers) / max(num_micro_batches, 1)
+            values = entry["values"]
+            if distributed:
+                _reduce_tracked(values, entry)
+            out[f"moe/{name}"] = float(values.sum()) / len(routers) / max(num_micro_batches, 1)
         clear_aux_losses_tracker()
     counts = torch.stack([r.routed_tokens.to(torch.float64) for r in routers])
-    if dist.is_initialized() and ps.model_parallel_is_initialized():
+    if distributed:
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        if routers[0].config.sequence_parallel:  # each TP rank routed its own slice of the tokens
+            dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
     total = counts.sum(dim=1, keepdim=True)
     if float(total.sum()) > 0:
         share = counts / total.clamp(min=1.0)

@@ -9,7 +9,8 @@ Megatron -> HF mapping, the exporter's) and cuts the stream into buckets of at m
 bucket instead of the whole model; a tensor larger than the cap travels alone.
 
 Only the ranks of the first data-parallel replica take part (every DP replica holds the same
-weights); only global rank 0 receives tensors. The Ray side (`slime.ray.train_group`) sends
+weights), and with expert parallelism those of the first expert-data-parallel replica (they
+hold the other experts); only global rank 0 receives tensors. The Ray side (`slime.ray.train_group`) sends
 each bucket to every engine and waits before gathering the next.
 """
 
@@ -138,8 +139,11 @@ def _part_to_hf(shards: list[dict], m: "ModelArgs", index: int) -> dict[str, "to
 
 def _iter_hf_tensors(actor: "MegatronActor") -> Iterator[tuple[str, "torch.Tensor"]]:
     """HF-named full tensors, part by part, on global rank 0 (nothing elsewhere). The ranks of
-    the first DP replica must all iterate it together (each part is a TP collective)."""
-    if actor.info.dp_rank != 0:
+    the first DP (and expert-DP) replica must all iterate it together (each part is a TP /
+    expert-parallel collective)."""
+    from slime.backends.megatron_utils.expert_parallel import joins_weight_gather
+
+    if not joins_weight_gather(actor.info):
         return
     state = {k: v for k, v in actor.model.module.state_dict().items() if not k.endswith("_extra_state")}
     if actor.info.pp_size > 1:  # every stage's layers on pipeline rank 0 (full-model names), streamed from there
