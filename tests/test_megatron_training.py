@@ -224,7 +224,10 @@ def test_dp2_and_tp2_match_single_process(tmp_path, per_token):
     # Per-sample means depend on how samples are dealt to DP ranks. TP=2 only shards the
     # vocabulary of the cross-entropy; the loss weights (per-sample or per-token) are built
     # before and apart from it, so TP=2 runs under per-token only: one torchrun less in CI.
-    layouts = (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"])) if per_token else (("dp2", []),)
+    # TP=2 runs with --sequence-parallel, as slime's scripts do (plain TP=2 trains in
+    # test_torch_dist_round_trip_and_tp2_load): torch norms marked for the TP gradient sum.
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    layouts = (("dp2", []), ("tp2_sp", tp2)) if per_token else (("dp2", []),)
     for name, extra in layouts:
         dump, metrics = run_steps(tmp_path, name, *flags, *extra, nproc=2)
         assert dump["loss"] == pytest.approx(ref_loss, rel=1e-5), name

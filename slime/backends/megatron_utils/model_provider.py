@@ -168,6 +168,17 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None):
         local = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
         spec = copy.deepcopy(local)
     spec.submodules.self_attention.submodules.core_attention = core_attention
+    if config is not None and config.sequence_parallel:  # TP > 1 with --sequence-parallel
+        # A layer spec would get megatron's default final norm (WrappedTorchNorm, which refuses
+        # sequence parallelism): build this stage's block spec with a norm that takes it.
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        from slime.backends.megatron_utils.sp_norm import SequenceParallelTorchNorm, use_sequence_parallel_norms
+
+        use_sequence_parallel_norms(spec)
+        return TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
+        )
     return spec
 
 
