@@ -12,8 +12,9 @@ def train(trainer) -> None:
     for rollout_id in trainer.progress():
         data = trainer.generate(rollout_id)
         trainer.train(rollout_id, data)
+        trainer.save_if_due(rollout_id)  # on --save-interval and at the end
         trainer.update_weights()  # RL: the engines get the new policy (SFT starts none)
-        trainer.after_rollout(rollout_id)  # evaluate / save on their intervals
+        trainer.evaluate_if_due(rollout_id)  # on --eval-interval and at the end
     trainer.finish()  # HF export
 
 

@@ -15,11 +15,12 @@ def train(trainer) -> None:
         if rollout_id + 1 < trainer.num_rollout:
             pending = trainer.generate_async(rollout_id + 1)  # overlaps with the training below
         trainer.train(rollout_id, data)
+        trainer.save_if_due(rollout_id)  # on --save-interval and at the end
         trainer.update_weights(after=pending)  # RL: once the prefetched rollout is generated (one step stale)
-        trainer.after_rollout(rollout_id)  # evaluate / save on their intervals
+        trainer.evaluate_if_due(rollout_id)  # on --eval-interval and at the end
     trainer.finish()  # HF export
 
 
 if __name__ == "__main__":
-    with start_trainer() as t:
+    with start_trainer(overlap=True) as t:
         train(t)

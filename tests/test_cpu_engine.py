@@ -344,6 +344,52 @@ def test_update_weights_in_buckets_matches_a_fresh_model(sharp_dir, other_dir):
     assert got == pytest.approx(_full_log_probs(fresh, PROMPTS[1], after["output_ids"]), abs=2e-4)
 
 
+def test_release_and_resume_memory_as_sglang_does_for_colocate(sharp_dir):
+    """--colocate: released weights lose their values and free their memory; the engine refuses
+    to generate until they are resumed *and* refilled by a weight sync, then generates as before."""
+    from slime.engines.cpu_engine import CpuEngine, EngineError
+    from slime.engines.weights import iter_hf_tensors
+
+    eng = CpuEngine(EngineConfig(model_path=str(sharp_dir)))
+    try:
+        sp = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+        before = eng.generate(input_ids=PROMPTS[1], sampling_params=sp, return_logprob=True)
+        param_bytes = sum(
+            {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in eng.model.parameters()}.values()
+        )
+        running = eng.submit(input_ids=PROMPTS[0], sampling_params={"max_new_tokens": 3000, "ignore_eos": True})
+        _wait_for(lambda: eng.load()["num_running"] == 1)
+        with pytest.raises(EngineError, match="still queued or running"):
+            eng.release_memory_occupation()
+        eng.abort(abort_all=True)
+        running.result(60)
+        with pytest.raises(ValueError, match="cuda_graph"):
+            eng.release_memory_occupation(["cuda_graph"])
+        out = eng.release_memory_occupation()
+        assert out == {"released": ["kv_cache", "weights"], "bytes": param_bytes}
+        assert all(p.untyped_storage().nbytes() == 0 for p in eng.model.parameters())
+        assert eng.release_memory_occupation(["weights"])["bytes"] == 0  # already released
+        with pytest.raises(EngineError, match="released"):
+            eng.submit(input_ids=PROMPTS[1], sampling_params=sp)
+        named = list(iter_hf_tensors(str(sharp_dir)))
+        with pytest.raises(EngineError, match="resume_memory_occupation"):
+            eng.update_weights(named)
+        assert eng.resume_memory_occupation(["weights"]) == {"released": ["kv_cache"], "bytes": param_bytes}
+        assert eng.resume_memory_occupation(["kv_cache"])["released"] == []
+        with pytest.raises(EngineError, match="not updated since"):
+            eng.submit(input_ids=PROMPTS[1], sampling_params=sp)
+        half = len(named) // 2
+        eng.update_weights(named[:half], flush_cache=False)  # a sync's first bucket: still incomplete
+        with pytest.raises(EngineError, match="not updated since"):
+            eng.submit(input_ids=PROMPTS[1], sampling_params=sp)
+        eng.update_weights(named[half:], flush_cache=True)
+        after = eng.generate(input_ids=PROMPTS[1], sampling_params=sp, return_logprob=True)
+    finally:
+        eng.shutdown()
+    assert after["output_ids"] == before["output_ids"]
+    assert after["meta_info"]["output_token_logprobs"] == before["meta_info"]["output_token_logprobs"]
+
+
 # ---- HTTP ------------------------------------------------------------------------------------------------
 
 
@@ -438,6 +484,21 @@ def test_http_control_routes(server, other_dir):
     assert out["output_ids"] == _greedy_reference(AutoModelForCausalLM.from_pretrained(other_dir).eval(), PROMPTS[1], 6)
     status, r = _post(url + "/update_weights_from_disk", {"model_path": str(other_dir / "missing")})
     assert status == 400 and r["success"] is False and "missing" in r["message"]
+
+    # SGLang's colocate routes: release (tags), refuse generation, resume, refill, generate.
+    assert _post(url + "/release_memory_occupation", {"tags": ["kv_cache"]}) == (200, {"released": ["kv_cache"], "bytes": 0})
+    status, err = _post(url + "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}})
+    assert status == 503 and "released" in err["error"]["message"]
+    status, err = _post(url + "/release_memory_occupation", {"tags": ["bogus"]})
+    assert status == 400 and "bogus" in err["error"]["message"]
+    status, r = _post(url + "/release_memory_occupation", {})
+    assert status == 200 and r["released"] == ["kv_cache", "weights"] and r["bytes"] > 0
+    assert _post(url + "/resume_memory_occupation", {})[1]["released"] == []
+    status, err = _post(url + "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}})
+    assert status == 503 and "not updated since" in err["error"]["message"]
+    assert _post(url + "/update_weights_from_disk", {"model_path": str(other_dir), "weight_version": "v3"})[0] == 200
+    status, out = _post(url + "/generate", {"input_ids": PROMPTS[1], "sampling_params": {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}})
+    assert status == 200 and out["output_ids"] == _greedy_reference(AutoModelForCausalLM.from_pretrained(other_dir).eval(), PROMPTS[1], 6)
 
 
 # ---- config --------------------------------------------------------------------------------------------

@@ -65,16 +65,26 @@ def test_grpo_through_ray_with_weight_sync_eval_and_resume(tmp_path):
     assert [r["rollout/num_samples"] for r in rollouts] == [8, 8]  # 4 prompts x 2 samples
     assert len(steps) == 2 and all("kl_loss" in r and "entropy" in r and "ppo_ratio" in r for r in steps)
     # Weights go to the engine at every start (the resumed run's engine must not sample from
-    # --hf-checkpoint) and after every rollout, the whole model each time: 2 runs x (1 + 1).
-    assert len(syncs) == 4 and len({r["weight_sync/bytes"] for r in syncs}) == 1 and syncs[0]["weight_sync/bytes"] > 0
-    assert [r["global_step"] for r in syncs] == [0, 1, 1, 2]
+    # --hf-checkpoint) and after every rollout's save, the whole model each time: the crashed
+    # run syncs once (it stops right after rollout 0's save), the resumed one twice.
+    assert len(syncs) == 3 and len({r["weight_sync/bytes"] for r in syncs}) == 1 and syncs[0]["weight_sync/bytes"] > 0
+    assert [r["global_step"] for r in syncs] == [0, 1, 2]
     assert len(evals) == 1 and evals[0]["eval/toy/num_samples"] == 12
     # Invariant 5 for RL: uninterrupted, the run generates the same rollouts (seeded per sample)
-    # and trains to the same losses as the crashed-and-resumed run.
+    # and trains to the same losses as the crashed-and-resumed run. It also runs colocated: the
+    # trainer's state leaves while the engine generates, the engine's weights and KV cache are
+    # released while the trainer trains (their values lost: the sync must refill them), so the
+    # equality below also proves every offload round trip exact.
     whole = tmp_path / "whole"
-    proc = run(rl_cmd(data, whole, 2, "train.py"))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = run(rl_cmd(data, whole, 2, "train.py") + ["--colocate"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for line in ("colocate: engines: release kv_cache weights", "colocate: trainer: offload all but the weights",
+                 "colocate: engines: resume weights", "colocate: trainer: offload (", "colocate: engines: resume kv_cache",
+                 "colocate: trainer: onload"):  # fmt: skip
+        assert line in out, line
     ref = records(whole)
+    assert [r["colocate/switch_seconds_total"] > 0 for r in ref if "weight_sync/bytes" in r] == [True] * 3
     for key in ("rollout/reward_mean", "rollout/response_len_tokens_mean"):
         assert [r[key] for r in ref if key in r] == [r[key] for r in rollouts]
     for key in ("loss", "pg_loss", "kl_loss"):

@@ -64,3 +64,32 @@ def test_offload_twice_is_an_error_and_onload_when_resident_is_a_no_op(actors):
     with pytest.raises(RuntimeError, match="already offloaded"):
         actor.offload()
     actor.onload()
+
+
+def test_offload_in_two_stages_keeps_the_weights_for_a_sync(actors):
+    """The colocate order: all but the weights first (a weight sync still reads them), then the
+    weights; onload brings everything back bit-exactly."""
+    from slime.backends.megatron_utils.offload import weight_tensors
+
+    _, actor = actors
+    weights = {t.untyped_storage().data_ptr() for t in weight_tensors([actor.model])}
+    before = [t.detach().clone() for t in _state(actor)]
+    is_weight = [t.untyped_storage().data_ptr() in weights for t in _state(actor)]
+    assert not all(is_weight)  # grads and Adam moments are storages of their own
+    expected = dict(actor.megatron_state())
+    rest = actor.offload(keep_weights=True)
+    assert rest > 0
+    assert [t.untyped_storage().nbytes() > 0 for t in _state(actor)] == is_weight
+    got = actor.megatron_state()  # what a weight sync reads is still there
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(RuntimeError, match="offloaded"):
+        actor.compute_log_probs(rollout(seed=3))  # training state is not
+    with pytest.raises(RuntimeError, match="already offloaded"):
+        actor.offload(keep_weights=True)
+    rest_of_it = actor.offload()
+    assert all(t.untyped_storage().nbytes() == 0 for t in _state(actor))
+    with pytest.raises(RuntimeError, match="offloaded"):
+        actor.megatron_state()
+    assert actor.onload() == rest + rest_of_it
+    for t, b in zip(_state(actor), before):
+        assert torch.equal(t, b)

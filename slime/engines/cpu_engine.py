@@ -26,6 +26,7 @@ from typing import Iterable
 
 from slime.engines.config import EngineConfig
 from slime.engines.kv_cache import BatchKV, cache_layers
+from slime.engines.memory import ReleasableParameters, parse_memory_tags
 from slime.engines.sampling import SamplingParams, log_probs, sample_next
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,10 @@ class CpuEngine:
         self._tok_lock = threading.Lock()  # HF tokenizers are not guaranteed thread-safe
         self._stopping = False
         self._error: BaseException | None = None
+        # --colocate (slime.engines.memory): what is released, and weights given back but not refilled.
+        self._params = ReleasableParameters(self.model)
+        self._released: set[str] = set()
+        self._weights_stale = False
         self._thread = threading.Thread(target=self._loop, name="cpu-engine", daemon=True)
         self._thread.start()
         logger.info(
@@ -195,6 +200,7 @@ class CpuEngine:
             # Checked under the lock the loop drains the queue with, so no request is left behind.
             if self._error is not None or self._stopping:
                 raise EngineError(f"the engine is not running: {self._error or 'shut down'}")
+            self._check_memory("generate")
             self._waiting.append(req)
             self._cond.notify()
         return req.future
@@ -236,9 +242,12 @@ class CpuEngine:
         if abort_all_requests:
             self.abort(abort_all=True)
         with self._step_lock:
+            if self._params.released:
+                raise EngineError("update_weights: the weights' memory is released; resume_memory_occupation(['weights']) first")
             n = apply_named_tensors(self.model, named_tensors)
-            if flush_cache:
+            if flush_cache:  # the last bucket of a sync: the weights are whole again
                 self.flush_cache()
+                self._weights_stale = False
             self.num_weight_updates += 1
             self.weight_version = str(weight_version) if weight_version is not None else str(self.num_weight_updates)
         logger.info("weights updated: %d tensors, weight_version %s", n, self.weight_version)
@@ -250,11 +259,52 @@ class CpuEngine:
 
         return self.update_weights(list(iter_hf_tensors(model_path)), weight_version=weight_version, **kwargs)
 
+    # ---- --colocate: memory given to the trainer (slime.engines.memory) ------------------
+    def release_memory_occupation(self, tags: list[str] | None = None) -> dict:
+        """Free ``tags``' memory (None: weights and KV cache); the engine must be idle.
+        Returns ``{"released": [...], "bytes": n}`` (parameter bytes freed now)."""
+        tags = parse_memory_tags(tags)
+        with self._cond:
+            busy = len(self._waiting) + len(self._running)
+            if busy:
+                raise EngineError(f"release_memory_occupation: {busy} request(s) still queued or running; abort or finish them first")
+            self._released.update(tags)  # from here on submit refuses, so the engine stays idle
+        freed = 0
+        with self._step_lock:
+            if "kv_cache" in tags:
+                self.flush_cache()
+                self._kv = BatchKV(self.device)
+            if "weights" in tags:
+                freed = self._params.release()
+        logger.info("released %s (%.1f MiB of weights)", list(tags), freed / 2**20)
+        return {"released": sorted(self._released), "bytes": freed}
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> dict:
+        """Take ``tags``' memory back (None: all). Resumed weights hold no values: the engine
+        generates again after the next full weight update."""
+        tags = parse_memory_tags(tags)
+        with self._step_lock:
+            restored = self._params.restore() if "weights" in tags else 0
+            if restored:
+                self._weights_stale = True
+            with self._cond:
+                self._released.difference_update(tags)
+        return {"released": sorted(self._released), "bytes": restored}
+
+    def _check_memory(self, what: str) -> None:
+        if self._released:
+            raise EngineError(f"{what}: the engine's memory is released ({sorted(self._released)}); resume_memory_occupation first")
+        if self._weights_stale:
+            raise EngineError(f"{what}: the weights were released and resumed but not updated since; push weights first")
+
     def load(self) -> dict:
         """Queue lengths and counters (for /get_server_info and benchmarks)."""
         with self._cond:
             waiting = len(self._waiting)
-        return dict(self.stats, num_running=len(self._running), num_waiting=waiting, weight_version=self.weight_version)
+        return dict(
+            self.stats, num_running=len(self._running), num_waiting=waiting, weight_version=self.weight_version,
+            memory_released=sorted(self._released), weights_stale=self._weights_stale,
+        )  # fmt: skip
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still queued or running finish with abort."""

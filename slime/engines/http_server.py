@@ -200,6 +200,22 @@ def build_app(engine, config: EngineConfig):
         engine.weight_version = str(body["new_version"])
         return web.json_response({"success": True, "message": f"weight_version set to {engine.weight_version}"})
 
+    def _memory_route(method):
+        # SGLang's body: {"tags": ["weights", "kv_cache"]} (absent: all); answers with what is released.
+        async def handler(request):
+            try:
+                body = await _json(request) if request.can_read_body else {}
+                return web.json_response(await _blocking(method, body.get("tags")))
+            except ValueError as e:
+                return _error(str(e))
+            except EngineError as e:  # busy (requests running) or a weight update missing
+                return _error(str(e), status=409)
+
+        return handler
+
+    routes.post("/release_memory_occupation")(_memory_route(engine.release_memory_occupation))
+    routes.post("/resume_memory_occupation")(_memory_route(engine.resume_memory_occupation))
+
     app = web.Application(client_max_size=256 * 1024 * 1024)
     app.add_routes(routes)
     return app

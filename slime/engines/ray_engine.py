@@ -49,6 +49,13 @@ class CpuEngineActor:
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> str:
         return self._engine().update_weights_from_disk(model_path, weight_version=weight_version)
 
+    def release_memory_occupation(self, tags: list[str] | None = None) -> dict:
+        """--colocate: free the weights / KV cache (``tags``, None: both) while the trainer trains."""
+        return self._engine().release_memory_occupation(tags)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> dict:
+        return self._engine().resume_memory_occupation(tags)
+
     def healthy(self) -> bool:
         return self.server is not None and self.server.engine.healthy
 

@@ -26,6 +26,7 @@ class Trainer:
     def __init__(self, args):
         import ray
 
+        from slime.ray.colocate import OffloadArgs, Residency
         from slime.ray.placement_group import create_placement_group
         from slime.ray.rollout_manager import RolloutManager
         from slime.ray.train_group import RayTrainGroup
@@ -42,6 +43,9 @@ class Trainer:
         if not args.debug_rollout_only:
             self.pg, use_gpu = create_placement_group(args.actor_num_nodes, args.actor_num_gpus_per_node)
         self.engines = start_rollout_engines(args, placement_group=self.pg) if starts_engines(args) else RolloutEngines()
+        # --colocate: which side holds the devices; each verb below asks for what it needs.
+        self.residency = Residency(OffloadArgs.from_args(args), engines=self.engines.handles)
+        self.residency.before_trainer_starts()
         self.manager = RolloutManager.remote(args, dp, self.engines.url)
         for line in ray.get(self.manager.report.remote()):
             logger.info(line)
@@ -56,6 +60,7 @@ class Trainer:
             logger.info("--debug-rollout-only: no train actors start; rollouts are generated, scored and logged")
         else:
             self.group = RayTrainGroup(args, self.pg, use_gpu, world)
+            self.residency.group = self.group
             first = self.group.init(args, total_steps)[0]
             logger.info(first["attention"])
             state = first["state"]
@@ -81,6 +86,7 @@ class Trainer:
         return self._bar
 
     def generate_async(self, rollout_id: int):
+        self.residency.for_generation()
         return self.manager.generate.remote(rollout_id)
 
     def wait(self, pending):
@@ -97,6 +103,7 @@ class Trainer:
             self.metrics.log(dict(data["metrics"], rollout_id=rollout_id), step=self.step)
         if self.group is None:  # --debug-rollout-only
             return
+        self.residency.for_training()
         for m in self.group.train(rollout_id, data["refs"]):
             self.metrics.log(m, step=m["step"])
             if self._bar is not None:
@@ -115,26 +122,34 @@ class Trainer:
 
         if after is not None:
             ray.wait([after], num_returns=1)
+        self.residency.for_weight_sync()
         sync = self.group.update_weights(self.engines.handles, str(self.step), self.args.update_weight_buffer_size)
-        self.metrics.log(
-            {"weight_sync/seconds": sync["seconds"], "weight_sync/bytes": sync["bytes"], "weight_sync/buckets": sync["buckets"]},
-            step=self.step,
-        )
+        metrics = {"weight_sync/seconds": sync["seconds"], "weight_sync/bytes": sync["bytes"], "weight_sync/buckets": sync["buckets"]}
+        if self.residency.plan.active:
+            metrics["colocate/switch_seconds_total"] = self.residency.seconds
+        self.metrics.log(metrics, step=self.step)
 
-    def after_rollout(self, rollout_id: int) -> None:
+    def save_if_due(self, rollout_id: int) -> None:
+        """Checkpoint on ``--save-interval`` and after the last rollout. The loop saves before
+        the weight sync, while (under --colocate) the trainer still holds the devices."""
         import ray
 
         args, last = self.args, rollout_id == self.num_rollout - 1
-        evals = self.eval_names if self.sft else (args.eval_prompt_data or [])
-        if evals and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
-            self.evaluate(rollout_id)
         if self.group is not None and args.save and ((args.save_interval and (rollout_id + 1) % args.save_interval == 0) or last):
             data_state = ray.get(self.manager.state_before.remote(rollout_id + 1))
+            self.residency.for_training()  # the whole training state on the devices
             path = self.group.save(args.save, rollout_id, {"rollout_id": rollout_id, "data_state": data_state})
             self.last_saved = rollout_id
             logger.info("saved rollout %d to %s", rollout_id, path)
             if os.environ.get(STOP_AFTER_ENV) == str(rollout_id):
                 raise SystemExit(f"{STOP_AFTER_ENV}={rollout_id}: stopping after the save (fault injection)")
+
+    def evaluate_if_due(self, rollout_id: int) -> None:
+        """Evaluate on ``--eval-interval`` and after the last rollout."""
+        args, last = self.args, rollout_id == self.num_rollout - 1
+        evals = self.eval_names if self.sft else (args.eval_prompt_data or [])
+        if evals and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
+            self.evaluate(rollout_id)
 
     def evaluate(self, rollout_id: int) -> None:
         import ray
@@ -145,12 +160,14 @@ class Trainer:
                 refs = ray.get(self.manager.eval_data.remote(name))
                 results[f"eval/{name}/loss"] = self.group.evaluate(refs)
         else:  # RL: generate on the eval prompts and score them (reward mean, truncation, ...)
+            self.residency.for_generation()
             results = ray.get(self.manager.eval_rollout.remote(rollout_id))
         self.metrics.log(dict(results, rollout_id=rollout_id), step=self.step)
         logger.info("rollout %d: %s", rollout_id, results)
 
     def finish(self) -> None:
         if self.args.save_hf and self.group is not None:
+            self.residency.for_training()  # the engines are done: the trainer gets the devices
             self.group.export_hf(self.args.save_hf, self.args.hf_checkpoint)
             logger.info("exported the final model to %s", self.args.save_hf)
 
@@ -181,8 +198,9 @@ def _ray_init(args) -> None:
 
 
 @contextlib.contextmanager
-def start_trainer(argv: list[str] | None = None):
-    """Parse, check, start; yields a `Trainer`; always shuts Ray down. Errors exit with code 1."""
+def start_trainer(argv: list[str] | None = None, overlap: bool = False):
+    """Parse, check, start; yields a `Trainer`; always shuts Ray down. Errors exit with code 1.
+    ``overlap``: the loop generates while it trains (train_async.py), checked against --colocate."""
     import ray
 
     from slime.utils.arguments import parse_args, validate_trainer_args
@@ -191,7 +209,7 @@ def start_trainer(argv: list[str] | None = None):
     args = parse_args(argv)
     trainer = None
     try:
-        validate_trainer_args(args)
+        validate_trainer_args(args, overlap=overlap)
         _ray_init(args)
         trainer = Trainer(args)
         yield trainer

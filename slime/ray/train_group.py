@@ -94,6 +94,12 @@ class TrainRayActor:
     def evaluate(self, samples: list) -> float:
         return self.actor.evaluate(samples)
 
+    def offload(self, keep_weights: bool = False) -> int:
+        return self.actor.offload(keep_weights=keep_weights)
+
+    def onload(self) -> int:
+        return self.actor.onload()
+
     def save(self, root: str, iteration: int, extra: dict) -> str:
         return self.actor.save(root, iteration, dict(extra, step=self.actor.step))
 
@@ -142,6 +148,14 @@ class RayTrainGroup:
 
         cap = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         return ray.get([a.update_weights.remote(engine_handles, weight_version, cap) for a in self.actors])[0]
+
+    def offload(self, keep_weights: bool = False) -> int:
+        """--offload-train: every rank's state to host memory (``keep_weights``: all but the
+        weights); the bytes released, summed over ranks."""
+        return sum(ray.get([a.offload.remote(keep_weights) for a in self.actors]))
+
+    def onload(self) -> int:
+        return sum(ray.get([a.onload.remote() for a in self.actors]))
 
     def save(self, root: str, iteration: int, extra: dict) -> str:
         return ray.get([a.save.remote(root, iteration, extra) for a in self.actors])[0]

@@ -182,9 +182,12 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-def validate_trainer_args(args: argparse.Namespace) -> None:
-    """Flag combinations checked before anything starts; raises ValueError naming the flags."""
+def validate_trainer_args(args: argparse.Namespace, overlap: bool = False) -> None:
+    """Flag combinations checked before anything starts; raises ValueError naming the flags.
+    ``overlap``: train_async.py (the next rollout is generated while the trainer trains)."""
     import os
+
+    from slime.ray.colocate import OffloadArgs, explicit_offload_flags
 
     if not args.rollout_batch_size:
         raise ValueError("--rollout-batch-size is required")
@@ -222,6 +225,8 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
             raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
         if args.colocate or args.rollout_num_gpus:
             raise ValueError("--colocate/--rollout-num-gpus configure inference engines, which SFT does not start")
+        if explicit_offload_flags(args):
+            raise ValueError(f"{'/'.join(explicit_offload_flags(args))}: SFT starts no inference engine to share the devices with")
         sampling = (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1))
         for flag, value, default in sampling:
             if value != default:
@@ -241,6 +246,12 @@ def validate_trainer_args(args: argparse.Namespace) -> None:
             from slime.engines.config import EngineConfig
 
             EngineConfig.from_args(args)
+    if overlap and (args.colocate or OffloadArgs.from_args(args).active):
+        # Engines and trainer would need the same devices at the same time (slime refuses it too).
+        raise ValueError(
+            "train_async.py generates the next rollout while training: not with --colocate or --offload*; "
+            "use train.py, or give the engines their own GPUs (--rollout-num-gpus)"
+        )
     for flag, path in [("--prompt-data", args.prompt_data), *[("--eval-prompt-data", p) for p in (args.eval_prompt_data or [])[1::2]]]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag}: data file not found: {path}")
@@ -278,6 +289,9 @@ def get_parser(add_custom_arguments: Callable | None = None, description: str | 
     add_cpu_engine_arguments(parser)
     add_engine_placement_arguments(parser)
     add_weight_sync_arguments(parser)
+    from slime.ray.colocate import add_offload_arguments
+
+    add_offload_arguments(parser)
     from slime.ray.sglang_flags import add_sglang_server_arguments
 
     add_sglang_server_arguments(parser)  # SGLang's own flags, --sglang- prefixed, where it is installed

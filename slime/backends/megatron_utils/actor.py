@@ -200,16 +200,20 @@ class MegatronActor:
         self._refresh_main_params()
 
     # ----------------------------------------------------------------- colocate
-    def offload(self) -> int:
-        """--offload-train: release this rank's training state from its device (bytes released)."""
-        return self._offload.offload([self.model], self.optimizer)
+    def offload(self, keep_weights: bool = False) -> int:
+        """--offload-train: release this rank's training state from its device (bytes released);
+        ``keep_weights``: all but the weights (a weight sync can still read them)."""
+        return self._offload.offload([self.model], self.optimizer, keep_weights=keep_weights)
+
+    def check_weights_resident(self, what: str) -> None:
+        self._offload.check_resident(what, weights_only=True)
 
     def onload(self) -> int:
         """Bring the offloaded state back, bit-exact (bytes restored; 0 when resident)."""
         return self._offload.onload()
 
     def megatron_state(self) -> dict[str, torch.Tensor]:
-        self._offload.check_resident("reading the weights")
+        self._offload.check_resident("reading the weights", weights_only=True)
         return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")}
 
     # ----------------------------------------------------------------- training
@@ -293,6 +297,10 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.model_args.is_moe:  # this step's router statistics only (see moe_step_metrics)
+            from slime.backends.megatron_utils.moe_layers import reset_moe_stats
+
+            reset_moe_stats(self.model.module)
         return self._run_schedule(mbs, forward_only=False), mbs, global_sup
 
     def gradients(self, samples: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SlimeTopKRouter",
+    "reset_moe_stats",
     "define_missing_te_gemm",
     "moe_block_spec",
     "moe_config_kwargs",
@@ -211,6 +212,16 @@ def _reduce_tracked(values: torch.Tensor, entry: dict) -> None:
     if avg is not None:
         dist.all_reduce(values, group=avg)
         values /= dist.get_world_size(avg)
+
+
+def reset_moe_stats(model) -> None:
+    """Forget what forwards before this step logged: megatron's aux-loss tracker (process-global:
+    forward-only passes, old / reference log-probs, and earlier models in the same process
+    write to it too) and the routers' token counts."""
+    if _routers(model):
+        clear_aux_losses_tracker()
+    for r in _routers(model):
+        r.routed_tokens.zero_()
 
 
 def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:

@@ -16,6 +16,11 @@ buffer (no distributed optimizer), module buffers or the fp32 main copies, and b
 tensors. One walk over every storage is one code path for GPU and for the CPU tests, which can
 then check that every byte was released and came back.
 
+Two stages (``keep_weights``): a weight sync reads only the weights, so the driver first
+offloads the rest (grads, optimizer state, fp32 main params: most of the bytes), lets the
+engines take their weights' memory back and syncs, then offloads the weights too. At no point
+are the full training state and the engines' weights on the device together.
+
 Cost: a host copy of the whole training state (params + grads + 2 Adam moments + main params:
 about 16-18 bytes per parameter under bf16) and one device<->host round trip per rollout.
 """
@@ -29,7 +34,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainerOffload", "actor_tensors"]
+__all__ = ["TrainerOffload", "actor_tensors", "weight_tensors"]
 
 
 def _optimizers(optimizer) -> list:
@@ -64,6 +69,18 @@ def actor_tensors(modules: Iterable[torch.nn.Module], optimizer) -> Iterator[tor
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
+def weight_tensors(modules: Iterable[torch.nn.Module]) -> Iterator[torch.Tensor]:
+    """What a forward or a weight sync reads: parameters, module buffers, DDP's param buffers."""
+    for module in modules:
+        ddp_buffers = _ddp_buffers(module)
+        inner = module.module if ddp_buffers or hasattr(module, "zero_grad_buffer") else module
+        yield from inner.parameters()
+        yield from inner.buffers()
+        for buffer in ddp_buffers:
+            if getattr(buffer, "param_data", None) is not None:
+                yield buffer.param_data
+
+
 def _ddp_buffers(module) -> list:
     # megatron's DDP keeps its contiguous buffers in plain list attributes (``buffers`` shadows
     # nn.Module.buffers on the instance).
@@ -80,11 +97,12 @@ class TrainerOffload:
 
     def __init__(self):
         self._saved: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
-        self.offloaded = False
+        self.offloaded = False  # anything off the device
+        self.weights_offloaded = False
 
     @staticmethod
-    def _storages(tensors: Iterable[torch.Tensor]) -> list[torch.UntypedStorage]:
-        seen, out = set(), []
+    def _storages(tensors: Iterable[torch.Tensor], skip: set | None = None) -> list[torch.UntypedStorage]:
+        seen, out = set(skip or ()), []
         for t in tensors:
             storage = t.untyped_storage()
             key = (storage.device, storage.data_ptr())
@@ -95,13 +113,18 @@ class TrainerOffload:
         return out
 
     @torch.no_grad()
-    def offload(self, modules: Iterable[torch.nn.Module], optimizer) -> int:
-        """Copy every storage to host memory and release it; returns the bytes released."""
-        if self.offloaded:
+    def offload(self, modules: Iterable[torch.nn.Module], optimizer, keep_weights: bool = False) -> int:
+        """Copy every storage still on the device to host memory and release it (with
+        ``keep_weights`` all but `weight_tensors`'); returns the bytes released."""
+        modules = list(modules)
+        if self.weights_offloaded or (self.offloaded and keep_weights):
             raise RuntimeError("the trainer is already offloaded: call onload first")
         pin = torch.cuda.is_available()
+        skip = None
+        if keep_weights:
+            skip = {(st.device, st.data_ptr()) for st in self._storages(weight_tensors(modules))}
         saved, total = [], 0
-        for storage in self._storages(actor_tensors(modules, optimizer)):
+        for storage in self._storages(actor_tensors(modules, optimizer), skip):
             view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
             host = torch.empty(view.numel(), dtype=torch.uint8, pin_memory=pin)
             host.copy_(view, non_blocking=pin)
@@ -113,8 +136,10 @@ class TrainerOffload:
             storage.resize_(0)
         if pin:
             torch.cuda.empty_cache()
-        self._saved, self.offloaded = saved, True
-        logger.info("trainer offloaded: %.1f MiB in %d storages", total / 2**20, len(saved))
+        self._saved += saved
+        self.offloaded, self.weights_offloaded = True, not keep_weights
+        what = "all but the weights" if keep_weights else "the training state"
+        logger.info("trainer offloaded %s: %.1f MiB in %d storages", what, total / 2**20, len(saved))
         return total
 
     @torch.no_grad()
@@ -130,10 +155,11 @@ class TrainerOffload:
             total += host.numel()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._saved, self.offloaded = [], False
+        self._saved, self.offloaded, self.weights_offloaded = [], False, False
         logger.info("trainer onloaded: %.1f MiB", total / 2**20)
         return total
 
-    def check_resident(self, what: str) -> None:
-        if self.offloaded:
-            raise RuntimeError(f"{what}: the trainer's weights are offloaded (--offload-train); onload them first")
+    def check_resident(self, what: str, weights_only: bool = False) -> None:
+        """Raise unless the state ``what`` needs is on the device (``weights_only``: the weights)."""
+        if self.weights_offloaded or (self.offloaded and not weights_only):
+            raise RuntimeError(f"{what}: the trainer's state is offloaded (--offload-train); onload it first")

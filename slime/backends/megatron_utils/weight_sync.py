@@ -162,4 +162,5 @@ def _iter_hf_tensors(actor: "MegatronActor") -> Iterator[tuple[str, "torch.Tenso
 
 def hf_buckets(actor: "MegatronActor", bucket_bytes: int) -> Iterator[tuple[list[tuple[str, "torch.Tensor"]], bool]]:
     """(bucket, is_last) of the actor's current weights (see the module docstring)."""
+    actor.check_weights_resident("a weight sync")
     yield from bucket_named_tensors(_iter_hf_tensors(actor), bucket_bytes)
