@@ -9,6 +9,7 @@ from slime.ray.driver import start_trainer
 
 
 def train(trainer) -> None:
+    trainer.evaluate_before_training()  # the starting point (--skip-eval-before-train skips it)
     for rollout_id in trainer.progress():
         data = trainer.generate(rollout_id)
         trainer.train(rollout_id, data)

@@ -70,9 +70,11 @@ def test_training_runs_and_loss_falls(uninterrupted):
     assert history[-1][1] < history[0][1]
     rows = [json.loads(line) for line in open(save / "metrics.jsonl")]
     evals = [r for r in rows if "eval/tiny/loss" in r]
-    assert len(evals) == 2 and evals[1]["eval/tiny/loss"] < evals[0]["eval/tiny/loss"]
+    # The starting model (step 0, before any training), then every 2 rollouts.
+    assert [r["global_step"] for r in evals] == [0, 2, 4]
+    assert evals[2]["eval/tiny/loss"] < evals[1]["eval/tiny/loss"] < evals[0]["eval/tiny/loss"]
     for key in ("lr", "grad_norm", "supervised_tokens", "total_tokens", "tokens_per_s", "packing_efficiency", "step_time_s"):
-        assert key in rows[0]
+        assert key in next(r for r in rows if "eval/tiny/loss" not in r)  # the first step's record
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert (save / "iter_0000001" / "slime_state.json").exists() and (save / "iter_0000003").is_dir()
     assert any((save / "tensorboard").iterdir())

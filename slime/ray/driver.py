@@ -144,11 +144,19 @@ class Trainer:
             if os.environ.get(STOP_AFTER_ENV) == str(rollout_id):
                 raise SystemExit(f"{STOP_AFTER_ENV}={rollout_id}: stopping after the save (fault injection)")
 
+    def _evaluates(self) -> bool:
+        return bool(self.eval_names if self.sft else self.args.eval_prompt_data) and bool(self.args.eval_interval)
+
+    def evaluate_before_training(self) -> None:
+        """The starting model's eval metrics (logged at step 0, rollout_id 0), as slime does
+        with --eval-interval; not on a resume, nor with --skip-eval-before-train."""
+        if self._evaluates() and self.start_rollout == 0 and not self.args.skip_eval_before_train:
+            self.evaluate(0)
+
     def evaluate_if_due(self, rollout_id: int) -> None:
         """Evaluate on ``--eval-interval`` and after the last rollout."""
-        args, last = self.args, rollout_id == self.num_rollout - 1
-        evals = self.eval_names if self.sft else (args.eval_prompt_data or [])
-        if evals and args.eval_interval and ((rollout_id + 1) % args.eval_interval == 0 or last):
+        last = rollout_id == self.num_rollout - 1
+        if self._evaluates() and ((rollout_id + 1) % self.args.eval_interval == 0 or last):
             self.evaluate(rollout_id)
 
     def evaluate(self, rollout_id: int) -> None:

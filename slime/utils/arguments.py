@@ -159,7 +159,12 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--save-interval", type=_positive_int, default=None, help="save every N rollouts (and at the end)")
     g.add_argument("--save-hf", default=None, help="export the final model as a HF checkpoint here")
     g.add_argument("--eval-prompt-data", nargs="+", default=None, help="NAME PATH [NAME PATH ...] held-out SFT data")
-    g.add_argument("--eval-interval", type=_positive_int, default=None, help="evaluate every N rollouts")
+    g.add_argument("--eval-interval", type=_positive_int, default=None, help="evaluate every N rollouts (and before the first, see below)")
+    g.add_argument(
+        "--skip-eval-before-train",
+        action="store_true",
+        help="with --eval-interval, do not evaluate the starting model before rollout 0 (a resumed run never does)",
+    )
     g.add_argument("--use-wandb", action="store_true")
     g.add_argument("--wandb-project", default="slime-sft")
     g.add_argument("--wandb-group", default=None)
