@@ -210,6 +210,15 @@ def test_bad_bucket_fails_naming_the_tensor(engine):
         engine.update_weights([("not_a_weight", torch.zeros(2))], weight_version="x")
 
 
+def test_memory_tags_as_sglang_takes_them():
+    from slime.engines.sglang_engine import sglang_memory_tags
+
+    assert sglang_memory_tags(None, True) == {} and sglang_memory_tags(["kv_cache", "weights"], True) == {}
+    assert sglang_memory_tags(["weights"], True) == {"tags": ["weights"]}
+    assert sglang_memory_tags(["kv_cache"], True) == {"tags": ["kv_cache", "cuda_graph"]}
+    assert sglang_memory_tags(["kv_cache"], False) == {"tags": ["kv_cache"]}
+
+
 def test_release_and_resume_memory(engine):
     from slime.engines.server_process import HTTPCallError
 

@@ -41,6 +41,7 @@ __all__ = [
     "RESERVED_SERVER_ARGS",
     "SGLangEngineActor",
     "SGLangEngineConfig",
+    "sglang_memory_tags",
     "launch_command",
     "server_argv",
     "share_named_tensors",
@@ -215,6 +216,26 @@ def share_named_tensors(named_tensors) -> tuple[list, object]:
     return shared, segment
 
 
+def sglang_memory_tags(tags: list[str] | None, cuda_graph_tag: bool) -> dict:
+    """The request body for SGLang's memory routes. Both our tags (or None) mean all of it;
+    SGLang versions that tag CUDA-graph memory ("cuda_graph") get it released and resumed with
+    the KV cache (both are only needed to generate, and slime pairs them the same way)."""
+    if tags is None or {"weights", "kv_cache"} <= set(tags):
+        return {}
+    out = list(tags)
+    if cuda_graph_tag and "kv_cache" in out:
+        out.append("cuda_graph")
+    return {"tags": out}
+
+
+def _sglang_has_cuda_graph_tag() -> bool:
+    try:  # a constants module (no CUDA); older SGLang releases have no such tag
+        from sglang.srt.constants import GPU_MEMORY_TYPE_CUDA_GRAPH  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class SGLangEngineActor:
     """One SGLang server process; the methods mirror `CpuEngineActor` (start/update_weights/shutdown)."""
 
@@ -317,12 +338,13 @@ class SGLangEngineActor:
 
     # ------------------------------------------------------------------ colocate
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        """Free the server's weights and KV cache (``tags``: SGLang's, e.g. ["kv_cache"]) for training."""
+        """Free the server's weights and KV cache (``tags``: ["weights"], ["kv_cache"]; None:
+        all) for training. See `sglang_memory_tags` for SGLang's CUDA-graph memory."""
         self.flush_cache()
-        self._post("/release_memory_occupation", {"tags": tags} if tags else {})
+        self._post("/release_memory_occupation", sglang_memory_tags(tags, _sglang_has_cuda_graph_tag()))
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
-        self._post("/resume_memory_occupation", {"tags": tags} if tags else {})
+        self._post("/resume_memory_occupation", sglang_memory_tags(tags, _sglang_has_cuda_graph_tag()))
 
     # ------------------------------------------------------------------ HTTP
     def _base(self) -> str:

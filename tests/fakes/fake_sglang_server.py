@@ -53,6 +53,12 @@ def main(argv=None):
 
     @web.middleware
     async def gate(request, handler):
+        # SGLang's memory routes, as SGLang has them (they need --enable-memory-saver), in place
+        # of the CPU engine's own (which also refuse generating on resumed, unfilled weights).
+        if request.path == "/release_memory_occupation":
+            return await release(request)
+        if request.path == "/resume_memory_occupation":
+            return await resume(request)
         if request.path == "/generate":
             state["generate_calls"] += 1
             if state["released"]:
@@ -115,8 +121,6 @@ def main(argv=None):
         )
 
     app.router.add_post("/update_weights_from_tensor", update_from_tensor)
-    app.router.add_post("/release_memory_occupation", release)
-    app.router.add_post("/resume_memory_occupation", resume)
     app.router.add_post("/get_weights_by_name", weights_by_name)
     app.router.add_get("/fake_info", info)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
