@@ -21,7 +21,7 @@ offloads the rest (grads, optimizer state, fp32 main params: most of the bytes),
 engines take their weights' memory back and syncs, then offloads the weights too. At no point
 are the full training state and the engines' weights on the device together.
 
-Cost: a host copy of the whole training state (params + grads + 2 Adam moments + main params:
+Cost: a host copy of the whole training state (on CUDA kept, pinned, between offloads) (params + grads + 2 Adam moments + main params:
 about 16-18 bytes per parameter under bf16) and one device<->host round trip per rollout.
 """
 
@@ -97,6 +97,9 @@ class TrainerOffload:
 
     def __init__(self):
         self._saved: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
+        # CUDA: pinned host buffers kept from one offload to the next (allocating pinned memory
+        # costs about as much as the copy itself); keyed by (stage, position in the walk).
+        self._pinned: dict[tuple[bool, int], torch.Tensor] = {}
         self.offloaded = False  # anything off the device
         self.weights_offloaded = False
 
@@ -124,9 +127,9 @@ class TrainerOffload:
         if keep_weights:
             skip = {(st.device, st.data_ptr()) for st in self._storages(weight_tensors(modules))}
         saved, total = [], 0
-        for storage in self._storages(actor_tensors(modules, optimizer), skip):
+        for i, storage in enumerate(self._storages(actor_tensors(modules, optimizer), skip)):
             view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-            host = torch.empty(view.numel(), dtype=torch.uint8, pin_memory=pin)
+            host = self._host_buffer((keep_weights, i), view.numel(), pin)
             host.copy_(view, non_blocking=pin)
             saved.append((storage, host))
             total += view.numel()
@@ -141,6 +144,14 @@ class TrainerOffload:
         what = "all but the weights" if keep_weights else "the training state"
         logger.info("trainer offloaded %s: %.1f MiB in %d storages", what, total / 2**20, len(saved))
         return total
+
+    def _host_buffer(self, key: tuple[bool, int], nbytes: int, pin: bool) -> torch.Tensor:
+        if not pin:  # CPU: the "device" is host memory, keep no second copy between offloads
+            return torch.empty(nbytes, dtype=torch.uint8)
+        buf = self._pinned.get(key)
+        if buf is None or buf.numel() != nbytes:
+            buf = self._pinned[key] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return buf
 
     @torch.no_grad()
     def onload(self) -> int:
