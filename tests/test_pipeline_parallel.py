@@ -5,7 +5,9 @@ the references are transformers' float64 model on each sample separately, normal
 (what the single-rank actor is tested against in test_megatron_training). Samples have
 different lengths and are packed (THD) into several micro-batches of different lengths per
 rank, so the pipelined schedule passes variable shapes, and the packed log-probs equal
-separate per-sample runs (packing isolation under PP).
+separate per-sample runs (packing isolation under PP). Virtual stages (PP=2 x V=2, megatron's
+interleaved schedule) run in the same world: their ranks pack 2, 3 (DP=2) and 5 (DP=1)
+micro-batches, so the count is rounded up to a multiple of PP on some ranks.
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ def pp_world(tmp_path_factory):
         # ... and that PP=1 checkpoint at PP=2 with uneven stages (3 + 1).
         _run("pp2_uneven_resume", tied, {"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 3},
              resume=tmp / "ckpt_pp1"),
+        # PP=2 x V=2 x DP=2: one layer per chunk (rank 0 holds layers 0 and 2), tied embeddings
+        # on chunk 0 of rank 0 and chunk 1 of rank 1, full recompute; both normalizations; saved.
+        _run("vpp", tied, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
+             **full_recompute}, per_token=False, norms=(True, False), log_probs=True, steps=1, save=tmp / "ckpt_vpp"),
+        # That PP=2 x V=2 checkpoint resumed at PP=1: the next step is the one V=2 took.
+        _run("vpp_to_pp1", tied, {}, per_token=False, steps=1, resume=tmp / "ckpt_vpp"),
+        # TP=2 x PP=2 x V=2 (DP=1: five packs rounded up to six), untied, policy_loss.
+        _run("tp2_vpp", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+             virtual_pipeline_model_parallel_size=2), loss_type="policy_loss", norms=(True,)),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
     cmd = [
@@ -145,17 +156,36 @@ def test_pp2_sft_loss_and_grads_match_single_rank(pp_world, per_token):
         assert first["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
-def test_tp2_pp2_uneven_policy_loss_matches_single_rank(pp_world):
+@pytest.mark.parametrize("name", ["tp2_pp2_uneven", "tp2_vpp"])
+def test_tp2_pp2_policy_loss_matches_single_rank(pp_world, name):
     from slime.algorithms.config import AlgorithmConfig
 
     result, ckpt, samples, _ = pp_world
     ref_loss, _, ref_grads = hf_policy_reference(ckpt["untied"], samples, AlgorithmConfig(**ALGO), per_token=True)
-    loss, grads = result["tp2_pp2_uneven"]["grads"][True]
+    loss, grads = result[name]["grads"][True]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert_grads(grads, ref_grads, "tp2_pp2_uneven")
+    assert_grads(grads, ref_grads, name)
 
 
-@pytest.mark.parametrize("name,family", [("pp2", "tied"), ("tp2_pp2_uneven", "untied")])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "per_sample"])
+def test_virtual_stages_sft_loss_and_grads_match_single_rank(pp_world, per_token):
+    """PP=2 x V=2: every chunk's gradients (layers under their global index) equal the
+    single-rank ones; the train step's metrics reach rank 0 with an even micro-batch count."""
+    result, ckpt, samples, _ = pp_world
+    ref_loss, ref_grads = sft_reference(ckpt["tied"], samples, per_token)
+    loss, grads = result["vpp"]["grads"][per_token]
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads(grads, ref_grads, f"vpp per_token={per_token}")
+    if per_token:
+        assert result["vpp"]["eval"] == pytest.approx(ref_loss, rel=1e-5)
+    else:
+        first = result["vpp"]["metrics"][0]
+        assert first["loss"] == pytest.approx(loss, rel=1e-6) and first["micro_batches"] % 2 == 0
+        norm = sum(float((g**2).sum()) for k, g in ref_grads.items() if k != "lm_head.weight") ** 0.5
+        assert first["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("name,family", [("pp2", "tied"), ("tp2_pp2_uneven", "untied"), ("vpp", "tied")])
 def test_log_probs_logits_export_and_weight_sync_gather_every_stage(pp_world, name, family):
     """Rank 0 (first stage) gets the last stage's log-probs and logits; packed log-probs equal
     separate per-sample HF runs; export and weight sync give the HF weights back bit-exactly."""
@@ -193,6 +223,22 @@ def test_torch_dist_checkpoints_move_between_pipeline_layouts(pp_world):
     assert set(back["hf"]) == set(pp1["hf_saved"])
     for k, v in pp1["hf_saved"].items():
         assert torch.equal(back["hf"][k], v), k
+
+
+def test_torch_dist_checkpoint_moves_from_virtual_stages_to_pp1(pp_world):
+    """Saved at PP=2 x V=2 (model, optimizer, schedule), resumed at PP=1: the same weights bit
+    for bit and the next step is V=2's; the TP=2 x V=2 export and weight sync are exact."""
+    result, ckpt, *_ = pp_world
+    vpp, pp1 = result["vpp"], result["vpp_to_pp1"]
+    assert set(pp1["hf"]) == set(vpp["hf_saved"])
+    for k, v in vpp["hf_saved"].items():
+        assert torch.equal(pp1["hf"][k], v), k
+    assert pp1["metrics"][0]["loss"] == pytest.approx(vpp["metrics"][1]["loss"], rel=1e-5)
+    hf = hf_state(ckpt["untied"])
+    for exported in (result["tp2_vpp"]["hf"], dict(result["tp2_vpp"]["buckets"])):
+        assert set(exported) == set(hf)
+        for k, v in hf.items():
+            assert torch.equal(exported[k], v), k
 
 
 def test_bad_pipeline_layouts_fail_at_start_up():

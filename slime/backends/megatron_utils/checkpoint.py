@@ -78,7 +78,8 @@ def _load_state_dict(model, state: dict) -> list[str]:
     parts = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
     missing = []
     for chunk, part in zip(chunks, parts):
-        missing += chunk.load_state_dict(part, strict=False)[0]
+        result = chunk.load_state_dict(part, strict=False)
+        missing += result[0] if result is not None else []  # megatron's DDP returns nothing
     return missing
 
 
