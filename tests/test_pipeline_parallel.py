@@ -257,3 +257,38 @@ def test_bad_pipeline_layouts_fail_at_start_up():
         check_pipeline_layout(m, ModelBuildArgs(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=2))
     with pytest.raises(ValueError, match="MoE"):
         check_pipeline_layout(dataclasses.replace(m, num_experts=4), ModelBuildArgs(pipeline_model_parallel_size=2))
+    # virtual stages: every stage's layers split into V chunks, uneven stages included
+    with pytest.raises(ValueError, match="does not split into --pipeline-model-parallel-size 2 x 2 virtual stages"):
+        check_pipeline_layout(m, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+    m8 = dataclasses.replace(m, num_layers=8)
+    check_pipeline_layout(m8, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+    check_pipeline_layout(
+        m8, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                           decoder_first_pipeline_num_layers=2)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--decoder-last-pipeline-num-layers 3 does not split into 2 virtual stages"):
+        check_pipeline_layout(
+            m8, ModelBuildArgs(pipeline_model_parallel_size=3, virtual_pipeline_model_parallel_size=2,
+                               decoder_last_pipeline_num_layers=3)
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="virtual pipeline stages need --pipeline-model-parallel-size > 1"):
+        ModelBuildArgs(virtual_pipeline_model_parallel_size=2)  # `parallel.ParallelLayout` refuses it
+
+
+def test_chunk_names_round_trip():
+    """A rank's chunk dicts <-> one dict under global layer numbers (rank 0 of PP=2 x V=2 with
+    4 layers holds layers 0 and 2)."""
+    from slime.backends.megatron_utils.pipeline import join_chunks, split_chunks
+
+    chunks = [
+        {"embedding.word_embeddings.weight": 0, "decoder.layers.0.mlp.w": 1},
+        {"decoder.layers.0.mlp.w": 2, "decoder.final_layernorm.weight": 3, "output_layer.weight": 4},
+    ]
+    joined = join_chunks(chunks, [0, 2])
+    assert joined == {
+        "embedding.word_embeddings.weight": 0, "decoder.layers.0.mlp.w": 1, "decoder.layers.2.mlp.w": 2,
+        "decoder.final_layernorm.weight": 3, "output_layer.weight": 4,
+    }  # fmt: skip
+    assert split_chunks(joined, [(0, 1), (2, 3)]) == chunks
+    with pytest.raises(ValueError, match="layer 1 is not on this pipeline rank"):
+        split_chunks({"decoder.layers.1.mlp.w": 0}, [(0, 1), (2, 3)])

@@ -180,6 +180,13 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
+    if args.pipeline_model_parallel_size == 1:  # the rest of the layout is checked with the model
+        for flag, value in (
+            ("--num-layers-per-virtual-pipeline-stage", args.num_layers_per_virtual_pipeline_stage),
+            ("--num-virtual-stages-per-pipeline-rank", args.num_virtual_stages_per_pipeline_rank),
+        ):
+            if value is not None and not (flag.startswith("--num-virtual") and value == 1):
+                raise ValueError(f"{flag} {value}: virtual pipeline stages need --pipeline-model-parallel-size > 1")
     check_context_parallel(args.context_parallel_size, args.qkv_format)
 
 

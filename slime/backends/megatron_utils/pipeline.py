@@ -70,12 +70,7 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
         ):
             if n is not None:
                 raise ValueError(f"{flag} needs --pipeline-model-parallel-size > 1")
-        if vpp > 1:
-            raise ValueError(
-                "virtual pipeline stages (--num-virtual-stages-per-pipeline-rank / "
-                "--num-layers-per-virtual-pipeline-stage) need --pipeline-model-parallel-size > 1"
-            )
-        return
+        return  # virtual stages without PP: refused by `parallel.ParallelLayout`
     if model.is_moe:
         raise ValueError("--pipeline-model-parallel-size > 1 with a MoE model (--num-experts) is not implemented yet")
     rest, stages = model.num_layers, pp
