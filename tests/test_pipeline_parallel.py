@@ -77,11 +77,13 @@ def _port():
 
 
 def _run(
-    name, hf_dir, build, loss_type="sft_loss", per_token=True, norms=(), log_probs=False, steps=0, resume="", save=""
+    name, hf_dir, build, loss_type="sft_loss", per_token=True, norms=(), log_probs=False, steps=0, resume="", save="",
+    **extra,
 ):
     return {
         "name": name, "hf_dir": str(hf_dir), "build": build, "loss_type": loss_type, "per_token": per_token,
         "norms": list(norms), "log_probs": log_probs, "steps": steps, "resume_from": str(resume), "save_to": str(save),
+        **extra,
     }  # fmt: skip
 
 
@@ -114,12 +116,14 @@ def pp_world(tmp_path_factory):
         # PP=2 x V=2 x DP=2: one layer per chunk (rank 0 holds layers 0 and 2), tied embeddings
         # on chunk 0 of rank 0 and chunk 1 of rank 1, full recompute; both normalizations; saved.
         _run("vpp", tied, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
-             **full_recompute}, per_token=False, norms=(True, False), log_probs=True, steps=1, save=tmp / "ckpt_vpp"),
+             **full_recompute}, per_token=False, norms=(True, False), log_probs=True, steps=1, save=tmp / "ckpt_vpp",
+             offload=True),
         # That PP=2 x V=2 checkpoint resumed at PP=1: the next step is the one V=2 took.
         _run("vpp_to_pp1", tied, {}, per_token=False, steps=1, resume=tmp / "ckpt_vpp"),
-        # TP=2 x PP=2 x V=2 (DP=1: five packs rounded up to six), untied, policy_loss.
+        # TP=2 x PP=2 x V=2 (DP=1: five packs rounded up to six), untied, policy_loss with its KL
+        # term (so the reference weights of every chunk are kept and swapped in).
         _run("tp2_vpp", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
-             virtual_pipeline_model_parallel_size=2), loss_type="policy_loss", norms=(True,)),
+             virtual_pipeline_model_parallel_size=2), loss_type="policy_loss", norms=(True,), steps=1, ref_log_probs=True),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
     cmd = [
@@ -165,6 +169,15 @@ def test_tp2_pp2_policy_loss_matches_single_rank(pp_world, name):
     loss, grads = result[name]["grads"][True]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert_grads(grads, ref_grads, name)
+    if name == "tp2_vpp":  # after a step, every chunk's reference weights swapped in: the HF model's log-probs
+        entry = result[name]
+        _, ref_lp, _ = hf_response_log_probs(ckpt["untied"], samples)
+        assert len(entry["ref_log_probs"]) == len(samples)
+        for ours, ref in zip(entry["ref_log_probs"], ref_lp):
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+        trained, back = entry["hf_after"], entry["hf_after_ref"]
+        assert any(not torch.equal(trained[k], v) for k, v in hf_state(ckpt["untied"]).items())  # the step moved them
+        assert all(torch.equal(back[k], v) for k, v in trained.items())  # ... and they came back after the swap
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "per_sample"])
@@ -234,6 +247,7 @@ def test_torch_dist_checkpoint_moves_from_virtual_stages_to_pp1(pp_world):
     for k, v in vpp["hf_saved"].items():
         assert torch.equal(pp1["hf"][k], v), k
     assert pp1["metrics"][0]["loss"] == pytest.approx(vpp["metrics"][1]["loss"], rel=1e-5)
+    assert vpp["offload_exact"]  # --offload-train releases and restores every chunk
     hf = hf_state(ckpt["untied"])
     for exported in (result["tp2_vpp"]["hf"], dict(result["tp2_vpp"]["buckets"])):
         assert set(exported) == set(hf)
