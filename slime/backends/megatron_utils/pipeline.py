@@ -22,7 +22,21 @@ between the full model's names (what `hf_weights` maps) and a stage's, so the pe
 mapping is unchanged. Gathering a stage's tensors to pipeline rank 0 (export, weight sync,
 gradient checks) costs one full TP shard of the model in that rank's host memory.
 
-Not yet: virtual (interleaved) stages and MoE models with PP are refused at start-up.
+Virtual (interleaved) stages (``--num-virtual-stages-per-pipeline-rank V`` or
+``--num-layers-per-virtual-pipeline-stage``): each pipeline rank builds V model chunks
+(``GPTModel(vp_stage=i)``; megatron's layer offset puts chunk i of rank r at virtual stage
+i * PP + r, so with PP=2, V=2 and 4 layers rank 0 holds layers 0 and 2), each DDP-wrapped, one
+optimizer over all of them, and megatron's interleaved schedule runs them (one data iterator
+per chunk over the same micro-batches). Every stage's layers must split into V chunks, uneven
+first/last stages included (`check_pipeline_layout`). The schedule takes micro-batches in
+groups of PP, so their count is rounded up to a multiple of PP by splitting packs further
+(`micro_batch_multiple`, `expert_parallel.MicroBatchAlignment`): the loss weights are fixed
+before, so losses and gradients do not change. p2p follows Megatron-LM's settings for virtual
+stages (unbatched, overlapped sends; see `config_kwargs`). A rank's chunk dicts become one
+dict under global layer numbers with `join_chunks` (and back with `split_chunks`), which is
+what the actor's weights and gradients by name use when it has several chunks.
+
+Not yet: MoE models with PP are refused at start-up.
 """
 
 from __future__ import annotations
