@@ -7,7 +7,7 @@ IN.pt (``torch.save``; read with weights_only=True): {"samples" (RL fields attac
 (ModelBuildArgs fields), "loss_type", "per_token" (the train steps' normalization), "norms" (per_token flags to take
 gradients under),
 "log_probs" (bool), "steps" (train steps), "resume_from" / "save_to" (torch_dist roots or ""),
-"ref_log_probs" / "offload" (bools, optional)}]}.
+"ref_log_probs" / "offload" / "reload_dist" (bools, optional)}]}.
 
 For each run every rank builds the layout's MegatronActor, loads the HF weights (or resumes
 from ``resume_from``), takes its DP share (``samples[dp_rank::dp_size]``), and rank 0 records:
@@ -17,7 +17,8 @@ share (indices in ``share``), ``logits`` of ``tokens``, ``hf`` (weights gathered
 with ``save_to``, a save after those steps (``hf_saved``: the weights saved) and as many
 steps again; ``hf_after``: the weights after the last step. ``ref_log_probs``: the reference
 weights' log-probs of the share after the steps (``hf_after_ref``: the weights after that); ``offload_exact``: an offload/onload round
-trip gave every weight back bit for bit.
+trip gave every weight back bit for bit; ``hf_reloaded``: the weights after a weights-only
+save at the end, `load_hf` and `load_dist` of that save (``hf_after`` again).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def run(inp: str, out: str) -> None:
                 entry["hf_saved"] = actor.gather_hf(actor.megatron_state())
                 entry["metrics"] += [actor.train_step(mine) for _ in range(r["steps"])]
             entry["hf_after"] = actor.gather_hf(actor.megatron_state())
+            if r.get("reload_dist"):  # a weights-only save of every chunk, HF weights, then load_dist of it
+                from slime.backends.megatron_utils.checkpoint import save_model_weights
+
+                save_model_weights([c.module for c in actor.chunks], r["save_to"] + "_weights")
+                actor.load_hf(r["hf_dir"])
+                actor.load_dist(r["save_to"] + "_weights")
+                entry["hf_reloaded"] = actor.gather_hf(actor.megatron_state())
         if r.get("ref_log_probs"):  # after the steps: the reference weights are not the trained ones
             entry["ref_log_probs"] = actor.compute_ref_log_probs(mine)
             entry["hf_after_ref"] = actor.gather_hf(actor.megatron_state())

@@ -117,7 +117,7 @@ def pp_world(tmp_path_factory):
         # on chunk 0 of rank 0 and chunk 1 of rank 1, full recompute; both normalizations; saved.
         _run("vpp", tied, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
              **full_recompute}, per_token=False, norms=(True, False), log_probs=True, steps=1, save=tmp / "ckpt_vpp",
-             offload=True),
+             offload=True, reload_dist=True),
         # That PP=2 x V=2 checkpoint resumed at PP=1: the next step is the one V=2 took.
         _run("vpp_to_pp1", tied, {}, per_token=False, steps=1, resume=tmp / "ckpt_vpp"),
         # TP=2 x PP=2 x V=2 (DP=1: five packs rounded up to six), untied, policy_loss with its KL
@@ -248,6 +248,10 @@ def test_torch_dist_checkpoint_moves_from_virtual_stages_to_pp1(pp_world):
         assert torch.equal(pp1["hf"][k], v), k
     assert pp1["metrics"][0]["loss"] == pytest.approx(vpp["metrics"][1]["loss"], rel=1e-5)
     assert vpp["offload_exact"]  # --offload-train releases and restores every chunk
+    hf_tied = hf_state(ckpt["tied"])
+    assert any(not torch.equal(vpp["hf_after"][k], v) for k, v in hf_tied.items() if k in vpp["hf_after"])  # trained
+    for k, v in vpp["hf_after"].items():  # a weights-only save loaded by load_dist over the HF weights: every chunk
+        assert torch.equal(vpp["hf_reloaded"][k], v), k
     hf = hf_state(ckpt["untied"])
     for exported in (result["tp2_vpp"]["hf"], dict(result["tp2_vpp"]["buckets"])):
         assert set(exported) == set(hf)
