@@ -120,10 +120,11 @@ def pp_world(tmp_path_factory):
              offload=True, reload_dist=True),
         # That PP=2 x V=2 checkpoint resumed at PP=1: the next step is the one V=2 took.
         _run("vpp_to_pp1", tied, {}, per_token=False, steps=1, resume=tmp / "ckpt_vpp"),
-        # TP=2 x PP=2 x V=2 (DP=1: five packs rounded up to six), untied, policy_loss with its KL
-        # term (so the reference weights of every chunk are kept and swapped in).
+        # TP=2 x PP=2 x V=2 with sequence parallelism (each chunk's block spec), DP=1: five packs
+        # rounded up to six, untied, policy_loss with its KL term (so the reference weights of
+        # every chunk are kept and swapped in).
         _run("tp2_vpp", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
-             virtual_pipeline_model_parallel_size=2), loss_type="policy_loss", norms=(True,), steps=1, ref_log_probs=True),
+             virtual_pipeline_model_parallel_size=2, sequence_parallel=True), loss_type="policy_loss", norms=(True,), steps=1, ref_log_probs=True),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
     cmd = [
