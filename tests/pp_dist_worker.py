@@ -6,7 +6,8 @@ IN.pt (``torch.save``; read with weights_only=True): {"samples" (RL fields attac
 "algorithm" (AlgorithmConfig fields), "tokens", "runs": [{"name", "hf_dir", "build"
 (ModelBuildArgs fields), "loss_type", "per_token" (the train steps' normalization), "norms" (per_token flags to take
 gradients under),
-"log_probs" (bool), "steps" (train steps), "resume_from" / "save_to" (torch_dist roots or "")}]}.
+"log_probs" (bool), "steps" (train steps), "resume_from" / "save_to" (torch_dist roots or ""),
+"ref_log_probs" / "offload" / "reload_dist" (bools, optional)}]}.
 
 For each run every rank builds the layout's MegatronActor, loads the HF weights (or resumes
 from ``resume_from``), takes its DP share (``samples[dp_rank::dp_size]``), and rank 0 records:
@@ -14,7 +15,10 @@ from ``resume_from``), takes its DP share (``samples[dp_rank::dp_size]``), and r
 share (indices in ``share``), ``logits`` of ``tokens``, ``hf`` (weights gathered to HF names),
 ``buckets`` (the weight-sync stream), then ``steps`` train steps (their ``metrics``) and,
 with ``save_to``, a save after those steps (``hf_saved``: the weights saved) and as many
-steps again; ``hf_after``: the weights after the last step.
+steps again; ``hf_after``: the weights after the last step. ``ref_log_probs``: the reference
+weights' log-probs of the share after the steps (``hf_after_ref``: the weights after that); ``offload_exact``: an offload/onload round
+trip gave every weight back bit for bit; ``hf_reloaded``: the weights after a weights-only
+save at the end, `load_hf` and `load_dist` of that save (``hf_after`` again).
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ def run(inp: str, out: str) -> None:
             entry["eval"] = actor.evaluate(mine)
         if r["log_probs"]:
             entry.update(actor.compute_log_probs(mine, with_entropy=True))
+        if r.get("offload"):
+            before = actor.megatron_state()
+            actor.offload()
+            actor.onload()
+            after = actor.megatron_state()
+            entry["offload_exact"] = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         entry["logits"] = actor.logits(spec["tokens"])
         entry["hf"] = actor.gather_hf(actor.megatron_state())
         entry["buckets"] = [t for bucket in actor.iter_hf_buckets(60_000) for t in bucket]
@@ -83,6 +93,16 @@ def run(inp: str, out: str) -> None:
                 entry["hf_saved"] = actor.gather_hf(actor.megatron_state())
                 entry["metrics"] += [actor.train_step(mine) for _ in range(r["steps"])]
             entry["hf_after"] = actor.gather_hf(actor.megatron_state())
+            if r.get("reload_dist"):  # a weights-only save of every chunk, HF weights, then load_dist of it
+                from slime.backends.megatron_utils.checkpoint import save_model_weights
+
+                save_model_weights([c.module for c in actor.chunks], r["save_to"] + "_weights")
+                actor.load_hf(r["hf_dir"])
+                actor.load_dist(r["save_to"] + "_weights")
+                entry["hf_reloaded"] = actor.gather_hf(actor.megatron_state())
+        if r.get("ref_log_probs"):  # after the steps: the reference weights are not the trained ones
+            entry["ref_log_probs"] = actor.compute_ref_log_probs(mine)
+            entry["hf_after_ref"] = actor.gather_hf(actor.megatron_state())
         result[r["name"]] = entry
         print(
             f"rank {actor.info.rank}: {r['name']} took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True

@@ -5,7 +5,9 @@ the references are transformers' float64 model on each sample separately, normal
 (what the single-rank actor is tested against in test_megatron_training). Samples have
 different lengths and are packed (THD) into several micro-batches of different lengths per
 rank, so the pipelined schedule passes variable shapes, and the packed log-probs equal
-separate per-sample runs (packing isolation under PP).
+separate per-sample runs (packing isolation under PP). Virtual stages (PP=2 x V=2, megatron's
+interleaved schedule) run in the same world: their ranks pack 2, 3 (DP=2) and 5 (DP=1)
+micro-batches, so the count is rounded up to a multiple of PP on some ranks.
 """
 
 from __future__ import annotations
@@ -75,11 +77,13 @@ def _port():
 
 
 def _run(
-    name, hf_dir, build, loss_type="sft_loss", per_token=True, norms=(), log_probs=False, steps=0, resume="", save=""
+    name, hf_dir, build, loss_type="sft_loss", per_token=True, norms=(), log_probs=False, steps=0, resume="", save="",
+    **extra,
 ):
     return {
         "name": name, "hf_dir": str(hf_dir), "build": build, "loss_type": loss_type, "per_token": per_token,
         "norms": list(norms), "log_probs": log_probs, "steps": steps, "resume_from": str(resume), "save_to": str(save),
+        **extra,
     }  # fmt: skip
 
 
@@ -109,6 +113,18 @@ def pp_world(tmp_path_factory):
         # ... and that PP=1 checkpoint at PP=2 with uneven stages (3 + 1).
         _run("pp2_uneven_resume", tied, {"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 3},
              resume=tmp / "ckpt_pp1"),
+        # PP=2 x V=2 x DP=2: one layer per chunk (rank 0 holds layers 0 and 2), tied embeddings
+        # on chunk 0 of rank 0 and chunk 1 of rank 1, full recompute; both normalizations; saved.
+        _run("vpp", tied, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
+             **full_recompute}, per_token=False, norms=(True, False), log_probs=True, steps=1, save=tmp / "ckpt_vpp",
+             offload=True, reload_dist=True),
+        # That PP=2 x V=2 checkpoint resumed at PP=1: the next step is the one V=2 took.
+        _run("vpp_to_pp1", tied, {}, per_token=False, steps=1, resume=tmp / "ckpt_vpp"),
+        # TP=2 x PP=2 x V=2 with sequence parallelism (each chunk's block spec), DP=1: five packs
+        # rounded up to six, untied, policy_loss with its KL term (so the reference weights of
+        # every chunk are kept and swapped in).
+        _run("tp2_vpp", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+             virtual_pipeline_model_parallel_size=2, sequence_parallel=True), loss_type="policy_loss", norms=(True,), steps=1, ref_log_probs=True),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
     cmd = [
@@ -145,17 +161,45 @@ def test_pp2_sft_loss_and_grads_match_single_rank(pp_world, per_token):
         assert first["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
-def test_tp2_pp2_uneven_policy_loss_matches_single_rank(pp_world):
+@pytest.mark.parametrize("name", ["tp2_pp2_uneven", "tp2_vpp"])
+def test_tp2_pp2_policy_loss_matches_single_rank(pp_world, name):
     from slime.algorithms.config import AlgorithmConfig
 
     result, ckpt, samples, _ = pp_world
     ref_loss, _, ref_grads = hf_policy_reference(ckpt["untied"], samples, AlgorithmConfig(**ALGO), per_token=True)
-    loss, grads = result["tp2_pp2_uneven"]["grads"][True]
+    loss, grads = result[name]["grads"][True]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert_grads(grads, ref_grads, "tp2_pp2_uneven")
+    assert_grads(grads, ref_grads, name)
+    if name == "tp2_vpp":  # after a step, every chunk's reference weights swapped in: the HF model's log-probs
+        entry = result[name]
+        _, ref_lp, _ = hf_response_log_probs(ckpt["untied"], samples)
+        assert len(entry["ref_log_probs"]) == len(samples)
+        for ours, ref in zip(entry["ref_log_probs"], ref_lp):
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+        trained, back = entry["hf_after"], entry["hf_after_ref"]
+        assert any(not torch.equal(trained[k], v) for k, v in hf_state(ckpt["untied"]).items())  # the step moved them
+        assert all(torch.equal(back[k], v) for k, v in trained.items())  # ... and they came back after the swap
 
 
-@pytest.mark.parametrize("name,family", [("pp2", "tied"), ("tp2_pp2_uneven", "untied")])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "per_sample"])
+def test_virtual_stages_sft_loss_and_grads_match_single_rank(pp_world, per_token):
+    """PP=2 x V=2: every chunk's gradients (layers under their global index) equal the
+    single-rank ones; the train step's metrics reach rank 0 with an even micro-batch count."""
+    result, ckpt, samples, _ = pp_world
+    ref_loss, ref_grads = sft_reference(ckpt["tied"], samples, per_token)
+    loss, grads = result["vpp"]["grads"][per_token]
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads(grads, ref_grads, f"vpp per_token={per_token}")
+    if per_token:
+        assert result["vpp"]["eval"] == pytest.approx(ref_loss, rel=1e-5)
+    else:
+        first = result["vpp"]["metrics"][0]
+        assert first["loss"] == pytest.approx(loss, rel=1e-6) and first["micro_batches"] % 2 == 0
+        norm = sum(float((g**2).sum()) for k, g in ref_grads.items() if k != "lm_head.weight") ** 0.5
+        assert first["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("name,family", [("pp2", "tied"), ("tp2_pp2_uneven", "untied"), ("vpp", "tied")])
 def test_log_probs_logits_export_and_weight_sync_gather_every_stage(pp_world, name, family):
     """Rank 0 (first stage) gets the last stage's log-probs and logits; packed log-probs equal
     separate per-sample HF runs; export and weight sync give the HF weights back bit-exactly."""
@@ -195,6 +239,27 @@ def test_torch_dist_checkpoints_move_between_pipeline_layouts(pp_world):
         assert torch.equal(back["hf"][k], v), k
 
 
+def test_torch_dist_checkpoint_moves_from_virtual_stages_to_pp1(pp_world):
+    """Saved at PP=2 x V=2 (model, optimizer, schedule), resumed at PP=1: the same weights bit
+    for bit and the next step is V=2's; the TP=2 x V=2 export and weight sync are exact."""
+    result, ckpt, *_ = pp_world
+    vpp, pp1 = result["vpp"], result["vpp_to_pp1"]
+    assert set(pp1["hf"]) == set(vpp["hf_saved"])
+    for k, v in vpp["hf_saved"].items():
+        assert torch.equal(pp1["hf"][k], v), k
+    assert pp1["metrics"][0]["loss"] == pytest.approx(vpp["metrics"][1]["loss"], rel=1e-5)
+    assert vpp["offload_exact"]  # --offload-train releases and restores every chunk
+    hf_tied = hf_state(ckpt["tied"])
+    assert any(not torch.equal(vpp["hf_after"][k], v) for k, v in hf_tied.items() if k in vpp["hf_after"])  # trained
+    for k, v in vpp["hf_after"].items():  # a weights-only save loaded by load_dist over the HF weights: every chunk
+        assert torch.equal(vpp["hf_reloaded"][k], v), k
+    hf = hf_state(ckpt["untied"])
+    for exported in (result["tp2_vpp"]["hf"], dict(result["tp2_vpp"]["buckets"])):
+        assert set(exported) == set(hf)
+        for k, v in hf.items():
+            assert torch.equal(exported[k], v), k
+
+
 def test_bad_pipeline_layouts_fail_at_start_up():
     from conftest import TINY
 
@@ -211,3 +276,38 @@ def test_bad_pipeline_layouts_fail_at_start_up():
         check_pipeline_layout(m, ModelBuildArgs(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=2))
     with pytest.raises(ValueError, match="MoE"):
         check_pipeline_layout(dataclasses.replace(m, num_experts=4), ModelBuildArgs(pipeline_model_parallel_size=2))
+    # virtual stages: every stage's layers split into V chunks, uneven stages included
+    with pytest.raises(ValueError, match="does not split into --pipeline-model-parallel-size 2 x 2 virtual stages"):
+        check_pipeline_layout(m, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+    m8 = dataclasses.replace(m, num_layers=8)
+    check_pipeline_layout(m8, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+    check_pipeline_layout(
+        m8, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                           decoder_first_pipeline_num_layers=2)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--decoder-last-pipeline-num-layers 3 does not split into 2 virtual stages"):
+        check_pipeline_layout(
+            m8, ModelBuildArgs(pipeline_model_parallel_size=3, virtual_pipeline_model_parallel_size=2,
+                               decoder_last_pipeline_num_layers=3)
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="virtual pipeline stages need --pipeline-model-parallel-size > 1"):
+        ModelBuildArgs(virtual_pipeline_model_parallel_size=2)  # `parallel.ParallelLayout` refuses it
+
+
+def test_chunk_names_round_trip():
+    """A rank's chunk dicts <-> one dict under global layer numbers (rank 0 of PP=2 x V=2 with
+    4 layers holds layers 0 and 2)."""
+    from slime.backends.megatron_utils.pipeline import join_chunks, split_chunks
+
+    chunks = [
+        {"embedding.word_embeddings.weight": 0, "decoder.layers.0.mlp.w": 1},
+        {"decoder.layers.0.mlp.w": 2, "decoder.final_layernorm.weight": 3, "output_layer.weight": 4},
+    ]
+    joined = join_chunks(chunks, [0, 2])
+    assert joined == {
+        "embedding.word_embeddings.weight": 0, "decoder.layers.0.mlp.w": 1, "decoder.layers.2.mlp.w": 2,
+        "decoder.final_layernorm.weight": 3, "output_layer.weight": 4,
+    }  # fmt: skip
+    assert split_chunks(joined, [(0, 1), (2, 3)]) == chunks
+    with pytest.raises(ValueError, match="layer 1 is not on this pipeline rank"):
+        split_chunks({"decoder.layers.1.mlp.w": 0}, [(0, 1), (2, 3)])

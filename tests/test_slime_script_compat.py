@@ -60,13 +60,18 @@ def test_slime_sft_script_flags_parse_and_configure_the_actor():
     assert transformer_config(cfg.model, cfg.build).sequence_parallel is False
 
 
-@pytest.mark.parametrize("flag", ["--num-layers-per-virtual-pipeline-stage"])
-def test_parallel_sizes_above_one_fail_at_start_up(flag):
+@pytest.mark.parametrize("flag", ["--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank"])
+def test_virtual_pipeline_flags_need_pipeline_parallelism(flag):
+    from slime.backends.megatron_utils.arguments import actor_config_from_args
     from slime.utils.arguments import validate_trainer_args
 
-    args = _parse([flag, "2"])
-    with pytest.raises(ValueError, match=f"{flag} 2: .* not implemented yet"):
-        validate_trainer_args(args)  # before any file is opened or Ray started
+    with pytest.raises(ValueError, match=f"{flag} 2: virtual pipeline stages need --pipeline-model-parallel-size > 1"):
+        validate_trainer_args(_parse([flag, "2"]))  # before any file is opened or Ray started
+    # Qwen3-4B's 36 layers at PP=2: 18 per rank, in 2 chunks either way (9 layers each)
+    cfg = actor_config_from_args(_parse(["--pipeline-model-parallel-size", "2", flag, "9" if "layers" in flag else "2"]), 10)
+    assert cfg.build.virtual_pipeline_model_parallel_size == 2
+    with pytest.raises(ValueError, match="does not split into --pipeline-model-parallel-size 2 x 4 virtual stages"):
+        actor_config_from_args(_parse(["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"]), 10)
 
 
 def test_expert_parallel_flags_checked_at_start_up():

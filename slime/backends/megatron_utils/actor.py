@@ -5,6 +5,12 @@ this rank's samples as plain dicts (``tokens``, ``loss_mask``, ``response_length
 ``reward`` and ``rollout_log_probs``), so it runs the same under Ray (one actor per rank),
 torchrun, or a single test process. RL pieces live in their own modules: `rl_step` (the
 order of one rollout), `ref_model` (reference weights), `weight_sync` (HF buckets for engines).
+
+The model is a list of DDP-wrapped chunks (``self.chunks``): one, or with virtual pipeline
+stages one per stage of this pipeline rank (`pipeline`), all under one optimizer. Weights and
+gradients by name (`megatron_state`, `gradients`, `load_state`) use the chunk's own names
+with one chunk, and with several the names of `pipeline.join_chunks` (layers under their
+global index), since the chunks' local layer numbers collide.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from slime.backends.megatron_utils.batching import BatchingArgs, MicroBatch, mak
 from slime.backends.megatron_utils.lean_ce import CrossEntropyConfig
 from slime.backends.megatron_utils.loss import LOSSES, LossContext, resolve_loss
 from slime.backends.megatron_utils.model_config import ModelArgs
-from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
+from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_chunks
 from slime.backends.megatron_utils.offload import TrainerOffload
 from slime.backends.megatron_utils.optimizer import OptimizerArgs, build_optimizer
 from slime.backends.megatron_utils.output_head import OutputHead
@@ -102,17 +108,24 @@ class MegatronActor:
         if build.attention_backend in ("flex", "varlen") and not cuda:
             raise ValueError(f"--attention-backend {build.attention_backend} trains on CUDA only; use sdpa on CPU")
         # Lean loss: the model stops before the output layer; the loss applies it chunk by chunk.
-        module = build_gpt_model(model, build, output_head=self.cross_entropy.lean)
-        config = module.config
+        modules = build_gpt_chunks(model, build, output_head=self.cross_entropy.lean)
+        config = self.config = modules[0].config  # shared by the chunks
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=build.grad_reduce_in_fp32,
             overlap_grad_reduce=False,
             use_distributed_optimizer=cuda,
         )
-        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
-        config.no_sync_func = self.model.no_sync
+        self.chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m) for m in modules]
+        self._vp_stages = pipeline.chunk_stages(len(self.chunks))
+        self._layer_ranges = [pipeline.layer_range(config, vp) for vp in self._vp_stages]
+        # One module holding every chunk, for what walks parameters by name (reference weights,
+        # MoE router statistics); the chunk itself with one, so names are unchanged there.
+        self._tree = modules[0] if len(modules) == 1 else torch.nn.ModuleList(modules)
+        # The interleaved schedule takes one no_sync per chunk.
+        config.no_sync_func = self.chunks[0].no_sync if len(self.chunks) == 1 else [c.no_sync for c in self.chunks]
+        # The schedule passes every chunk: DP sums per chunk, tied-embedding sum over first/last.
         config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None)
-        self.optimizer, self.scheduler = build_optimizer(self.model, optim, train.total_steps, build.bf16, distributed=cuda)
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, optim, train.total_steps, build.bf16, distributed=cuda)
         padded = model.padded_vocab_size(build.tensor_model_parallel_size)
         if algorithm is None and train.loss_type == "policy_loss":
             from slime.algorithms.config import AlgorithmConfig
@@ -131,6 +144,21 @@ class MegatronActor:
         self.ref = None  # ReferenceWeights, set by the initial-weight loaders when a KL term needs it
         self._offload = TrainerOffload()  # --offload-train: the state leaves the device while engines generate
 
+    @property
+    def model(self):
+        """The DDP-wrapped model when this rank has one chunk (no virtual pipeline stages)."""
+        if len(self.chunks) != 1:
+            raise RuntimeError(f"this rank holds {len(self.chunks)} model chunks (virtual pipeline stages): use .chunks")
+        return self.chunks[0]
+
+    def _split(self, named: dict) -> list[dict]:
+        """This rank's tensors by name (see the module docstring) as one dict per chunk."""
+        return [named] if len(self.chunks) == 1 else pipeline.split_chunks(named, self._layer_ranges)
+
+    def _join(self, per_chunk: list[dict]) -> dict:
+        """The inverse of `_split`."""
+        return per_chunk[0] if len(per_chunk) == 1 else pipeline.join_chunks(per_chunk, [r[0] for r in self._layer_ranges])
+
     @staticmethod
     def _cp_sum():
         from megatron.core import parallel_state as ps
@@ -148,9 +176,11 @@ class MegatronActor:
 
         state = load_hf_state_dict(hf_dir)
         shards = hf_to_mcore(state, self.model_args, self.info.tp_rank, self.info.tp_size, placement())
-        if self.info.pp_size > 1:  # this stage's layers, renamed to local indices
-            shards = pipeline.to_stage(shards, self.model.config, self._tied)
-        self.load_state(shards)
+        if self.info.pp_size > 1:  # each chunk's layers, renamed to local indices
+            per_chunk = [pipeline.to_stage(shards, self.config, self._tied, vp) for vp in self._vp_stages]
+        else:
+            per_chunk = [shards]
+        self._load_chunks(per_chunk)
         self._capture_reference(f"hf:{hf_dir}")
 
     def load_dist(self, path: str) -> str:
@@ -158,7 +188,7 @@ class MegatronActor:
         reference copy when a KL term needs one."""
         from slime.backends.megatron_utils.checkpoint import load_model_weights
 
-        source = load_model_weights(self.model.module, path)
+        source = load_model_weights([c.module for c in self.chunks], path)
         self._refresh_main_params()
         self._capture_reference(f"torch_dist:{source}")
         return source
@@ -178,7 +208,7 @@ class MegatronActor:
         if self.needs_reference:
             from slime.backends.megatron_utils.ref_model import ReferenceWeights
 
-            self.ref = ReferenceWeights(self.model.module, source)
+            self.ref = ReferenceWeights(self._tree, source)
 
     def _refresh_main_params(self) -> None:
         # megatron's optimizer keeps fp32 main params for bf16 models: refresh them too.
@@ -187,23 +217,32 @@ class MegatronActor:
             reload()
 
     def load_state(self, shards: dict[str, torch.Tensor]) -> None:
-        module = self.model.module
-        own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
-        missing, unexpected = sorted(set(own) - set(shards)), sorted(set(shards) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        """This rank's weights by name (what `megatron_state` returns)."""
+        self._load_chunks(self._split(shards))
+
+    def _chunk_weights(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v for k, v in c.module.state_dict().items() if not k.endswith("_extra_state")} for c in self.chunks]
+
+    def _load_chunks(self, per_chunk: list[dict[str, torch.Tensor]]) -> None:
+        owns = self._chunk_weights()
+        for i, (own, shards) in enumerate(zip(owns, per_chunk, strict=True)):
+            missing, unexpected = sorted(set(own) - set(shards)), sorted(set(shards) - set(own))
+            if missing or unexpected:
+                where = f" (model chunk {i})" if len(owns) > 1 else ""
+                raise ValueError(f"weights do not match the model{where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
-            for name, tensor in shards.items():
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(own[name].shape)}")
-                own[name].copy_(tensor)
+            for own, shards in zip(owns, per_chunk):
+                for name, tensor in shards.items():
+                    if own[name].shape != tensor.shape:
+                        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(own[name].shape)}")
+                    own[name].copy_(tensor)
         self._refresh_main_params()
 
     # ----------------------------------------------------------------- colocate
     def offload(self, keep_weights: bool = False) -> int:
         """--offload-train: release this rank's training state from its device (bytes released);
         ``keep_weights``: all but the weights (a weight sync can still read them)."""
-        return self._offload.offload([self.model], self.optimizer, keep_weights=keep_weights)
+        return self._offload.offload(self.chunks, self.optimizer, keep_weights=keep_weights)
 
     def check_weights_resident(self, what: str) -> None:
         self._offload.check_resident(what, weights_only=True)
@@ -213,8 +252,13 @@ class MegatronActor:
         return self._offload.onload()
 
     def megatron_state(self) -> dict[str, torch.Tensor]:
+        """This rank's weights by name (CPU copies; see the module docstring for the names)."""
         self._offload.check_resident("reading the weights", weights_only=True)
-        return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")}
+        return {k: v.detach().cpu() for k, v in self.named_weights().items()}
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """`megatron_state`'s names over the live tensors (no copy)."""
+        return self._join(self._chunk_weights())
 
     # ----------------------------------------------------------------- training
     def _global_counts(self, samples: list[dict]) -> tuple[int, int]:
@@ -260,7 +304,8 @@ class MegatronActor:
         if cp > 1:  # the CP ranks share N x --max-tokens-per-gpu; each keeps its zigzag share
             from slime.backends.megatron_utils.context_parallel import cp_batching, split_micro_batch
 
-            mbs = make_micro_batches(samples, cp_batching(batching, cp), global_sup, global_samples)
+            remake = partial(make_micro_batches, samples, cp_batching(batching, cp), global_sup, global_samples)
+            mbs = self.alignment.round_count(remake(), remake)
             mbs = [split_micro_batch(mb, cp, self.info.cp_rank) for mb in mbs]
         else:
             mbs = make_micro_batches(samples, batching, global_sup, global_samples)
@@ -280,8 +325,8 @@ class MegatronActor:
 
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(mbs),
-            model=[self.model],
+            data_iterator=[iter(mbs) for _ in self.chunks],  # every chunk runs every micro-batch
+            model=self.chunks,
             num_microbatches=len(mbs),
             seq_length=max(mb.tokens.shape[-1] for mb in mbs),
             micro_batch_size=1,
@@ -294,19 +339,22 @@ class MegatronActor:
         mbs, global_sup = self._micro_batches(samples, self.batching)
         if not mbs:
             raise ValueError(f"rank {self.info.rank} got no samples for this step")
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.model_args.is_moe:  # this step's router statistics only (see moe_step_metrics)
             from slime.backends.megatron_utils.moe_layers import reset_moe_stats
 
-            reset_moe_stats(self.model.module)
+            reset_moe_stats(self._tree)
         return self._run_schedule(mbs, forward_only=False), mbs, global_sup
 
     def gradients(self, samples: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
         """(global loss, this TP rank's gradients by parameter name) without an optimizer step."""
         losses, _, _ = self._forward_backward(samples)
-        grads = {name: p.main_grad.detach().float().cpu().clone() for name, p in self.model.module.named_parameters()}
+        grads = self._join(
+            [{name: p.main_grad.detach().float().cpu().clone() for name, p in c.module.named_parameters()} for c in self.chunks]
+        )
         return self._dp_sum([float(sum(d["loss"] for d in losses))])[0], grads
 
     def _dp_sum(self, values: list[float]) -> list[float]:
@@ -339,7 +387,7 @@ class MegatronActor:
         if self.model_args.is_moe:  # router load and the load-balancing loss (a DP collective)
             from slime.backends.megatron_utils.moe_layers import moe_step_metrics
 
-            moe_metrics = moe_step_metrics(self.model.module, len(mbs))
+            moe_metrics = moe_step_metrics(self._tree, len(mbs))
         elapsed = time.perf_counter() - start
         return {
             **self._throughput(real, flops, elapsed),
@@ -356,6 +404,10 @@ class MegatronActor:
             "micro_batches": len(mbs),
             "update_successful": bool(update_ok),
         }
+
+    def _eval(self) -> None:
+        for chunk in self.chunks:
+            chunk.eval()
 
     def _throughput(self, tokens: float, flops: float, elapsed: float) -> dict[str, float]:
         """Per-device rates of one step over all ranks (DP x TP); MFU only with a known peak."""
@@ -377,7 +429,7 @@ class MegatronActor:
         self._offload.check_resident("saving a checkpoint")
         if self.ref is not None:
             extra = dict(extra, ref_source=self.ref.source)
-        return save_training_state(self.model, self.optimizer, self.scheduler, root, iteration, extra)
+        return save_training_state(self.chunks, self.optimizer, self.scheduler, root, iteration, extra)
 
     def load(self, root: str, ref_load: str | None = None, hf_checkpoint: str | None = None) -> dict:
         """Resume from ``root``. The reference weights are not the resumed ones: when a KL term
@@ -395,7 +447,7 @@ class MegatronActor:
                     "resuming with a KL term (--use-kl-loss / --kl-coef) needs the reference weights: "
                     "give --ref-load or --hf-checkpoint"
                 )
-        state = load_training_state(self.model, self.optimizer, self.scheduler, root)
+        state = load_training_state(self.chunks, self.optimizer, self.scheduler, root)
         self.step = int(state.get("step", 0))
         saved_ref = state.get("ref_source")
         if self.ref is not None and saved_ref and saved_ref != self.ref.source:
@@ -419,9 +471,20 @@ class MegatronActor:
         from slime.backends.megatron_utils.hf_weights import mcore_to_hf
 
         if self.info.pp_size > 1:  # every stage's layers on pipeline rank 0, full-model names
-            shard = pipeline.gather_stages(shard, self.model.config, self._tied) or {}
+            shard = self.gather_stages(shard) or {}
         shards = self.gather_tp(shard)
         return None if shards is None else mcore_to_hf(shards, self.model_args)
+
+    def gather_stages(self, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every pipeline stage's ``shard`` (this rank's tensors by name, as `megatron_state`)
+        under full-model names on pipeline rank 0, None on the other stages; ``shard`` itself
+        without PP. A collective of the pipeline group."""
+        if self.info.pp_size == 1:
+            return shard
+        mine: dict[str, torch.Tensor] = {}
+        for vp, part in zip(self._vp_stages, self._split(shard)):
+            mine.update(pipeline.to_global(part, self.config, self._tied, vp))
+        return pipeline.gather_stages(mine)
 
     def gather_tp(self, shard: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
         """Every TP rank's ``shard`` (CPU tensors), in TP rank order, with every EP rank's experts
@@ -448,7 +511,7 @@ class MegatronActor:
         mbs, _ = self._micro_batches(samples, replace(self.batching, calculate_per_token_loss=True))
         if not mbs:  # this rank holds none of the eval set; it still joins the sum
             return self._dp_sum([0.0])[0]
-        self.model.eval()
+        self._eval()
         losses = self._run_schedule(mbs, forward_only=True)
         return self._dp_sum([float(sum(d["loss"] for d in losses))])[0]
 
@@ -464,7 +527,7 @@ class MegatronActor:
         from slime.backends.megatron_utils.log_probs import token_stats
 
         mbs, _ = self._micro_batches(samples, self.batching)
-        self.model.eval()
+        self._eval()
         out: dict[str, list[torch.Tensor]] = {"log_probs": [], **({"entropy": []} if with_entropy else {})}
         ctx = self.loss_ctx
 
@@ -500,7 +563,7 @@ class MegatronActor:
                 "no reference weights: they are captured by load_hf / load_dist / load when the RL flags "
                 "need them (--use-kl-loss or --kl-coef)"
             )
-        with self.ref.swapped_in(self.model.module):
+        with self.ref.swapped_in(self._tree):
             return self.compute_log_probs(samples)["log_probs"]
 
     def train_rollout(self, samples_per_step: list[list[dict]]) -> list[dict]:
@@ -529,7 +592,7 @@ class MegatronActor:
 
         if self.info.cp_size > 1:
             raise ValueError("MegatronActor.logits runs one unsplit sequence: not under --context-parallel-size > 1")
-        self.model.eval()
+        self._eval()
         m = self.alignment.multiple  # sequence parallelism: pad to a multiple of TP (causal: the end is unseen)
         ids = torch.tensor(tokens + [0] * (-len(tokens) % m), device=self.info.device)[None]
 
@@ -540,7 +603,8 @@ class MegatronActor:
             return out[0, : len(tokens), : self.model_args.vocab_size].float().cpu()
 
         if self.info.pp_size > 1:  # the last stage's logits, on every stage
-            mb = pipeline.unpacked_batch(ids)
-            return pipeline.last_stage_outputs(self._run_schedule, [mb], full_logits)[0]
+            # Virtual stages run micro-batches in groups of PP: the same one again fills the group.
+            mbs = [pipeline.unpacked_batch(ids)] * self.alignment.count_multiple
+            return pipeline.last_stage_outputs(self._run_schedule, mbs, full_logits)[0]
         out = self.model(ids, torch.arange(ids.shape[1], device=self.info.device)[None], attention_mask=None)
         return full_logits(None, out)

@@ -40,7 +40,8 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--pipeline-model-parallel-size",
         type=int,
         default=1,
-        help="pipeline stages (1F1B schedule; virtual stages not yet); data parallelism = world / (TP x PP x CP)",
+        help="pipeline stages (megatron's 1F1B schedule, interleaved with virtual stages); "
+        "data parallelism = world / (TP x PP x CP)",
     )
     g.add_argument(
         "--context-parallel-size",
@@ -64,13 +65,14 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--num-layers-per-virtual-pipeline-stage",
         type=int,
         default=None,
-        help="interleaved pipeline: layers per model chunk (Megatron-LM); not implemented yet, refused",
+        help="interleaved pipeline: layers per model chunk (Megatron-LM); the micro-batch count is rounded up to "
+        "a multiple of PP (docs/backend.md)",
     )
     g.add_argument(
         "--num-virtual-stages-per-pipeline-rank",
         type=int,
         default=None,
-        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same); not yet, refused",
+        help="interleaved pipeline: model chunks per pipeline rank (the other way to say the same)",
     )
     g.add_argument(
         "--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first stage (uneven pipeline)"
@@ -178,12 +180,13 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
                 f"{flag} {size}: {what} is not implemented yet; only size 1 runs today "
                 "(use --tensor-model-parallel-size and data parallelism to scale)"
             )
-    for flag, value in (
-        ("--num-layers-per-virtual-pipeline-stage", args.num_layers_per_virtual_pipeline_stage),
-        ("--num-virtual-stages-per-pipeline-rank", args.num_virtual_stages_per_pipeline_rank),
-    ):
-        if value is not None:
-            raise ValueError(f"{flag} {value}: virtual (interleaved) pipeline stages are not implemented yet")
+    if args.pipeline_model_parallel_size == 1:  # the rest of the layout is checked with the model
+        for flag, value in (
+            ("--num-layers-per-virtual-pipeline-stage", args.num_layers_per_virtual_pipeline_stage),
+            ("--num-virtual-stages-per-pipeline-rank", args.num_virtual_stages_per_pipeline_rank),
+        ):
+            if value is not None and not (flag.startswith("--num-virtual") and value == 1):
+                raise ValueError(f"{flag} {value}: virtual pipeline stages need --pipeline-model-parallel-size > 1")
     check_context_parallel(args.context_parallel_size, args.qkv_format)
 
 

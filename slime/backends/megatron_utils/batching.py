@@ -335,7 +335,10 @@ def make_micro_batches(
         groups = partition_fixed(len(samples), args.micro_batch_size)
     if num_micro_batches > len(groups):
         if args.qkv_format != "thd":
-            raise ValueError("aligning micro-batch counts across expert-parallel ranks needs --qkv-format thd")
+            raise ValueError(
+                "aligning micro-batch counts (across expert-parallel ranks, or to a multiple of "
+                "--pipeline-model-parallel-size with virtual pipeline stages) needs --qkv-format thd"
+            )
         groups = split_to_count(groups, lengths, num_micro_batches)
     out = []
     for g in groups:

@@ -3,6 +3,11 @@
 Layout (Megatron-LM's): ``DIR/latest_checkpointed_iteration.txt`` holds the iteration,
 weights live in ``DIR/iter_0000000/``. A torch_dist checkpoint stores global tensor
 metadata, so it loads at any TP size (resharded on load).
+
+``model`` is one module or a pipeline rank's list of model chunks (virtual stages). Each
+chunk's sharded state dict names its layers by global index (megatron's layer offset), so the
+nesting below "model" (``chunk{i}`` under virtual stages) only shapes the in-memory dict: the
+stored tensors are the same whatever the layout, and a save at PP x V loads at any other.
 """
 
 from __future__ import annotations
@@ -56,6 +61,28 @@ def _point_tracker(root: str, iteration: int) -> None:
     dist.barrier()
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _sharded_state_dict(model) -> dict:
+    chunks = _chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_state_dict(model, state: dict) -> list[str]:
+    """``state`` (shaped like `_sharded_state_dict`'s) into the chunks; the missing keys."""
+    chunks = _chunks(model)
+    parts = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
+    missing = []
+    for chunk, part in zip(chunks, parts):
+        result = chunk.load_state_dict(part, strict=False)
+        missing += result[0] if result is not None else []  # megatron's DDP returns nothing
+    return missing
+
+
 def save_model_weights(model, root: str, iteration: int = 0) -> str:
     """Save ``model``'s sharded state (all ranks call this) and point the tracker at it."""
     import torch.distributed as dist
@@ -65,7 +92,7 @@ def save_model_weights(model, root: str, iteration: int = 0) -> str:
     if dist.get_rank() == 0:
         os.makedirs(target, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), target)
+    dist_checkpointing.save(_sharded_state_dict(model), target)
     dist.barrier()
     _point_tracker(root, iteration)
     return target
@@ -77,11 +104,10 @@ def load_model_weights(model, path: str) -> str:
 
     source = checkpoint_dir(path)
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), source)
+        state = dist_checkpointing.load(_sharded_state_dict(model), source)
     except Exception as e:
         raise ValueError(f"cannot load torch_dist checkpoint {source}: {type(e).__name__}: {e}") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in _load_state_dict(model, state) if not k.endswith("_extra_state")]
     if missing:
         raise ValueError(f"checkpoint {source} lacks weights for {missing[:5]}")
     return source
@@ -148,7 +174,7 @@ def save_training_state(model, optimizer, scheduler, root: str, iteration: int, 
             shutil.rmtree(target)  # a partial save of this iteration from an earlier crash
         os.makedirs(target)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
+    model_sd = _sharded_state_dict(model)
     dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, target)
     torch.save(_rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
     if rank == 0:
@@ -177,14 +203,14 @@ def load_training_state(model, optimizer, scheduler, root: str) -> dict:
         raise ValueError(f"{source} holds weights only (no {STATE_FILE}); use --ref-load for initial weights")
     with open(state_path) as f:
         state = json.load(f)
-    model_sd = model.sharded_state_dict()
+    model_sd = _sharded_state_dict(model)
     try:
         loaded = dist_checkpointing.load(
             {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, source
         )
     except Exception as e:
         raise ValueError(f"cannot load checkpoint {source}: {type(e).__name__}: {e}") from e
-    model.load_state_dict(loaded["model"], strict=False)
+    _load_state_dict(model, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_path = os.path.join(source, f"rng_rank{dist.get_rank():05d}.pt")

@@ -190,7 +190,9 @@ class MicroBatchAlignment:
         dispatches tokens across the EP ranks, which are DP ranks with different samples);
     same_lengths: micro-batch i has as many tokens on every EP rank (the all-gather dispatcher
         gathers equal-sized token blocks across the EP group);
-    multiple: token counts are padded to a multiple of this (sequence parallelism: TP).
+    multiple: token counts are padded to a multiple of this (sequence parallelism: TP);
+    count_multiple: micro-batch counts are a multiple of this (virtual pipeline stages: PP,
+        `pipeline.micro_batch_multiple`), reached by splitting groups like ``same_count``.
 
     Padding and extra micro-batches follow `batching` (weight 0, a segment of their own, masked
     out of MoE routing statistics and the aux loss), so losses and gradients do not change.
@@ -199,24 +201,38 @@ class MicroBatchAlignment:
     same_count: bool = False
     same_lengths: bool = False
     multiple: int = 1
+    count_multiple: int = 1
 
     def __post_init__(self):
         if self.multiple < 1:
             raise ValueError(f"micro-batch padding multiple must be >= 1, got {self.multiple}")
+        if self.count_multiple < 1:
+            raise ValueError(f"micro-batch count multiple must be >= 1, got {self.count_multiple}")
 
     @classmethod
     def for_layout(cls, model: ModelArgs, build: ModelBuildArgs) -> MicroBatchAlignment:
+        from slime.backends.megatron_utils.pipeline import micro_batch_multiple
+
         ep = build.expert_model_parallel_size if model.is_moe else 1
         sp = build.sequence_parallel and build.tensor_model_parallel_size > 1
         return cls(
             same_count=ep > 1,
             same_lengths=ep > 1 and model.moe_token_dispatcher_type == "allgather",
             multiple=build.tensor_model_parallel_size if sp else 1,
+            count_multiple=micro_batch_multiple(build),
         )
 
     @property
     def active(self) -> bool:
-        return self.same_count or self.same_lengths or self.multiple > 1
+        return self.same_count or self.same_lengths or self.multiple > 1 or self.count_multiple > 1
+
+    def round_count(self, mbs: list, remake) -> list:
+        """``mbs``, or ``remake(n)`` for the next multiple ``n`` of ``count_multiple`` (no
+        collective: every stage of a pipeline holds the same samples and rounds alike)."""
+        k = self.count_multiple
+        if k > 1 and len(mbs) % k:
+            mbs = remake(-(-len(mbs) // k) * k)
+        return mbs
 
     def align(self, mbs: list, remake) -> list:
         """``mbs`` aligned; ``remake(n)`` rebuilds this rank's micro-batches as at least ``n``
@@ -235,6 +251,9 @@ class MicroBatchAlignment:
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
             if int(count) > len(mbs):
                 mbs = remake(int(count))
+        mbs = self.round_count(mbs, remake)
+        if not (self.same_lengths or self.multiple > 1):
+            return mbs
         lengths = torch.tensor([mb.tokens.shape[-1] for mb in mbs], dtype=torch.int64)
         if self.same_lengths and lengths.numel():
             dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())

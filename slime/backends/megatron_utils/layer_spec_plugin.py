@@ -3,7 +3,8 @@
 NAME in MODULE is either a megatron ``ModuleSpec`` (or ``TransformerBlockSubmodules``), or a
 function ``fn(args, config, vp_stage)`` returning one, as slime calls it. Here ``args`` is the
 model's `model_config.ModelArgs` (Megatron-LM field names: ``num_experts``, ``qk_layernorm``,
-``post_self_attn_layernorm``, ...), ``config`` megatron's TransformerConfig, ``vp_stage`` None.
+``post_self_attn_layernorm``, ...), ``config`` megatron's TransformerConfig, ``vp_stage`` the
+model chunk being built (None without virtual pipeline stages).
 
 Paths THUDM/slime's scripts name for modules it ships in ``slime_plugins`` resolve through
 `SPEC_ALIASES` to ours (this project has no ``slime_plugins`` package: the top level is

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from slime.backends.megatron_utils.model_config import ModelArgs
 
-__all__ = ["ModelBuildArgs", "build_gpt_model", "layer_spec", "transformer_config"]
+__all__ = ["ModelBuildArgs", "build_gpt_chunks", "build_gpt_model", "layer_spec", "transformer_config"]
 
 
 @dataclass(frozen=True)
@@ -139,10 +139,11 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
     )
 
 
-def layer_spec(model: ModelArgs, attention_backend: str, config=None):
+def layer_spec(model: ModelArgs, attention_backend: str, config=None, vp_stage: int | None = None):
     """The local layer spec with our core attention; for a MoE model (``config`` needed) the
     block spec of this pipeline stage, dense and MoE layers per ``--moe-layer-freq``; GLM4's
-    layer for sandwich norms; ``--spec``'s layer (``config`` needed) when given."""
+    layer for sandwich norms; ``--spec``'s layer (``config`` needed) when given. ``vp_stage``:
+    the model chunk of a virtual pipeline stage a block spec is for."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -151,7 +152,7 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None):
     core_attention = ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
     sandwich = model.post_self_attn_layernorm or model.post_mlp_layernorm
     if model.spec is not None:
-        return _user_spec(model, config, core_attention)
+        return _user_spec(model, config, core_attention, vp_stage)
     if model.is_moe:
         from slime.backends.megatron_utils.moe_layers import moe_block_spec
 
@@ -177,12 +178,12 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None):
 
         use_sequence_parallel_norms(spec)
         return TransformerBlockSubmodules(
-            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
+            layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=SequenceParallelTorchNorm
         )
     return spec
 
 
-def _user_spec(model: ModelArgs, config, core_attention):
+def _user_spec(model: ModelArgs, config, core_attention, vp_stage: int | None = None):
     """``--spec``'s layer (or block) spec. megatron's local ``DotProductAttention`` rejects
     packed (THD) batches and builds its mask on CUDA: where the spec names it (or ours), our
     packed core attention with ``--attention-backend`` takes its place; any other core
@@ -195,7 +196,7 @@ def _user_spec(model: ModelArgs, config, core_attention):
     if config is None:
         raise ValueError("--spec needs the TransformerConfig")
     obj = load_spec(model.spec)
-    spec = copy.deepcopy(obj(model, config, None) if callable(obj) else obj)
+    spec = copy.deepcopy(obj(model, config, vp_stage) if callable(obj) else obj)
     for layer in getattr(spec, "layer_specs", None) or [spec]:
         attention = getattr(getattr(layer, "submodules", None), "self_attention", None)
         sub = getattr(attention, "submodules", None)
@@ -205,20 +206,22 @@ def _user_spec(model: ModelArgs, config, core_attention):
     return spec
 
 
-def build_gpt_model(model: ModelArgs, build: ModelBuildArgs, output_head: bool = False):
+def build_gpt_model(model: ModelArgs, build: ModelBuildArgs, output_head: bool = False, vp_stage: int | None = None, config=None):
     """A GPTModel on the current device (parallel state must be initialized). ``output_head``:
-    its forward returns an `output_head.OutputHead` instead of logits (memory-lean loss)."""
+    its forward returns an `output_head.OutputHead` instead of logits (memory-lean loss).
+    ``vp_stage``: which model chunk of this pipeline rank (virtual stages; None without);
+    ``config``: the TransformerConfig to share with the rank's other chunks."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from slime.backends.megatron_utils.output_head import head_output_gpt_model_class
     from slime.backends.megatron_utils.pipeline import check_pipeline_layout, stage_flags
 
     check_pipeline_layout(model, build)
-    config = transformer_config(model, build)
-    pre_process, post_process = stage_flags()  # this pipeline stage's part (both without PP)
+    config = config or transformer_config(model, build)
+    pre_process, post_process = stage_flags(vp_stage)  # this chunk's part (both without PP)
     gpt = (head_output_gpt_model_class() if output_head else GPTModel)(
         config=config,
-        transformer_layer_spec=layer_spec(model, build.attention_backend, config),
+        transformer_layer_spec=layer_spec(model, build.attention_backend, config, vp_stage),
         vocab_size=model.padded_vocab_size(build.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
@@ -230,7 +233,19 @@ def build_gpt_model(model: ModelArgs, build: ModelBuildArgs, output_head: bool =
         rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
         rope_scaling=model.use_rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         gpt = gpt.cuda()
     return gpt
+
+
+def build_gpt_chunks(model: ModelArgs, build: ModelBuildArgs, output_head: bool = False) -> list:
+    """This pipeline rank's model chunks: one GPTModel, or with virtual pipeline stages one per
+    stage (chunk i holds the i-th of the rank's layer groups), all sharing one config as
+    megatron's interleaved schedule expects."""
+    from slime.backends.megatron_utils.pipeline import check_pipeline_layout, chunk_stages, virtual_size
+
+    check_pipeline_layout(model, build)
+    config = transformer_config(model, build)
+    return [build_gpt_model(model, build, output_head, vp, config) for vp in chunk_stages(virtual_size(build))]

@@ -111,7 +111,8 @@ def _te_installed() -> bool:
 
 
 def build_optimizer(model, args: OptimizerArgs, total_steps: int, bf16: bool, distributed: bool):
-    """(optimizer, scheduler): megatron's optimizer (distributed on GPU) and OptimizerParamScheduler."""
+    """(optimizer, scheduler): megatron's optimizer (distributed on GPU) over ``model`` (one
+    DDP-wrapped model or a list of model chunks) and OptimizerParamScheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -129,7 +130,7 @@ def build_optimizer(model, args: OptimizerArgs, total_steps: int, bf16: bool, di
         use_distributed_optimizer=distributed,
         **args.offload_config(torch.cuda.is_available(), _te_installed()),
     )
-    optimizer = get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, list(model) if isinstance(model, (list, tuple)) else [model])
     decay_steps = max(args.lr_decay_iters or total_steps, 1)
     scheduler = OptimizerParamScheduler(
         optimizer,

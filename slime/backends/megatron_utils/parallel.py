@@ -136,7 +136,8 @@ def init_parallel(layout: ParallelLayout | None = None, seed: int = 1234, timeou
         ps.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor,
             pipeline_model_parallel_size=layout.pipeline,
-            virtual_pipeline_model_parallel_size=layout.virtual_pipeline if layout.pipeline > 1 else None,
+            # None, not 1, without interleaving: megatron treats any set size as virtual stages.
+            virtual_pipeline_model_parallel_size=layout.virtual_pipeline if (layout.virtual_pipeline or 1) > 1 else None,
             context_parallel_size=layout.context,
             expert_model_parallel_size=layout.expert,
             expert_tensor_parallel_size=layout.expert_tensor,
@@ -152,7 +153,7 @@ def init_parallel(layout: ParallelLayout | None = None, seed: int = 1234, timeou
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
-        vpp_size=layout.virtual_pipeline or 1,
+        vpp_size=(layout.virtual_pipeline or 1) if layout.pipeline > 1 else 1,
         cp_size=ps.get_context_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(),
         ep_size=ps.get_expert_model_parallel_world_size(),

@@ -22,7 +22,21 @@ between the full model's names (what `hf_weights` maps) and a stage's, so the pe
 mapping is unchanged. Gathering a stage's tensors to pipeline rank 0 (export, weight sync,
 gradient checks) costs one full TP shard of the model in that rank's host memory.
 
-Not yet: virtual (interleaved) stages and MoE models with PP are refused at start-up.
+Virtual (interleaved) stages (``--num-virtual-stages-per-pipeline-rank V`` or
+``--num-layers-per-virtual-pipeline-stage``): each pipeline rank builds V model chunks
+(``GPTModel(vp_stage=i)``; megatron's layer offset puts chunk i of rank r at virtual stage
+i * PP + r, so with PP=2, V=2 and 4 layers rank 0 holds layers 0 and 2), each DDP-wrapped, one
+optimizer over all of them, and megatron's interleaved schedule runs them (one data iterator
+per chunk over the same micro-batches). Every stage's layers must split into V chunks, uneven
+first/last stages included (`check_pipeline_layout`). The schedule takes micro-batches in
+groups of PP, so their count is rounded up to a multiple of PP by splitting packs further
+(`micro_batch_multiple`, `expert_parallel.MicroBatchAlignment`): the loss weights are fixed
+before, so losses and gradients do not change. p2p follows Megatron-LM's settings for virtual
+stages (unbatched, overlapped sends; see `config_kwargs`). A rank's chunk dicts become one
+dict under global layer numbers with `join_chunks` (and back with `split_chunks`), which is
+what the actor's weights and gradients by name use when it has several chunks.
+
+Not yet: MoE models with PP are refused at start-up.
 """
 
 from __future__ import annotations
@@ -41,12 +55,17 @@ __all__ = [
     "broadcast_from_last_stage",
     "check_pipeline_layout",
     "config_kwargs",
+    "chunk_stages",
     "gather_stages",
+    "join_chunks",
     "layer_range",
+    "micro_batch_multiple",
+    "split_chunks",
     "stage_flags",
     "to_global",
     "to_stage",
     "unpacked_batch",
+    "virtual_size",
 ]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -57,6 +76,7 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
     """Clear start-up errors for the pipeline sizes (flag names in the messages)."""
     pp = build.pipeline_model_parallel_size
+    vpp = build.virtual_pipeline_model_parallel_size or 1
     if pp == 1:
         for flag, n in (
             ("--decoder-first-pipeline-num-layers", build.decoder_first_pipeline_num_layers),
@@ -64,12 +84,7 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
         ):
             if n is not None:
                 raise ValueError(f"{flag} needs --pipeline-model-parallel-size > 1")
-        return
-    if build.virtual_pipeline_model_parallel_size not in (None, 1):
-        raise ValueError(
-            "virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
-            "--num-virtual-stages-per-pipeline-rank) are not implemented yet; use plain --pipeline-model-parallel-size"
-        )
+        return  # virtual stages without PP: refused by `parallel.ParallelLayout`
     if model.is_moe:
         raise ValueError("--pipeline-model-parallel-size > 1 with a MoE model (--num-experts) is not implemented yet")
     rest, stages = model.num_layers, pp
@@ -80,22 +95,53 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
         if n is not None:
             if n < 1:
                 raise ValueError(f"{flag} must be >= 1, got {n}")
+            if n % vpp:
+                # megatron splits every pipeline rank's layers into V equal chunks, uneven ones too.
+                raise ValueError(
+                    f"{flag} {n} does not split into {vpp} virtual stages (--num-virtual-stages-per-pipeline-rank)"
+                )
             rest, stages = rest - n, stages - 1
     if rest < stages or (stages and rest % stages):
         raise ValueError(
             f"--num-layers {model.num_layers} does not split over --pipeline-model-parallel-size {pp}: "
             f"{rest} layers left for {stages} even stage(s) (see --decoder-first/last-pipeline-num-layers)"
         )
+    if stages and (rest // stages) % vpp:
+        raise ValueError(
+            f"--num-layers {model.num_layers} does not split into --pipeline-model-parallel-size {pp} x {vpp} "
+            f"virtual stages (--num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage): "
+            f"{rest // stages} layers per even stage"
+        )
+
+
+def virtual_size(build: ModelBuildArgs) -> int:
+    """Model chunks per pipeline rank (1 without interleaving)."""
+    return (build.virtual_pipeline_model_parallel_size or 1) if build.pipeline_model_parallel_size > 1 else 1
+
+
+def micro_batch_multiple(build: ModelBuildArgs) -> int:
+    """What the micro-batch count must be a multiple of: megatron's interleaved schedule runs
+    micro-batches in groups of PP per chunk (``microbatch_group_size_per_vp_stage``, default
+    PP) and refuses a last group smaller than PP."""
+    return build.pipeline_model_parallel_size if virtual_size(build) > 1 else 1
 
 
 def config_kwargs(build: ModelBuildArgs) -> dict:
     """TransformerConfig fields of the pipeline layout (none without PP)."""
     if build.pipeline_model_parallel_size == 1:
         return {}
+    vpp = virtual_size(build)
     return {
         "pipeline_model_parallel_size": build.pipeline_model_parallel_size,
         "num_layers_in_first_pipeline_stage": build.decoder_first_pipeline_num_layers,
         "num_layers_in_last_pipeline_stage": build.decoder_last_pipeline_num_layers,
+        "virtual_pipeline_model_parallel_size": vpp if vpp > 1 else None,
+        # Megatron-LM's p2p settings for virtual stages: separate (overlapped) sends and
+        # receives instead of one batched exchange. With PP=2 the interleaved schedule sends an
+        # activation and a gradient to the same peer in one step; a batched exchange posts them
+        # in an order the peer's receives do not match (gloo swaps them, shapes included),
+        # while megatron's unbatched ops keep each direction on its own process group.
+        **({"overlap_p2p_comm": True, "batch_p2p_comm": False} if vpp > 1 else {}),
         # Micro-batches differ in length (packing, dynamic batch size): stages exchange the
         # shape before each activation (one small message more per transfer).
         "variable_seq_lengths": True,
@@ -105,28 +151,38 @@ def config_kwargs(build: ModelBuildArgs) -> dict:
     }
 
 
-def stage_flags() -> tuple[bool, bool]:
-    """(pre_process, post_process) of this pipeline rank's model."""
+def stage_flags(vp_stage: int | None = None) -> tuple[bool, bool]:
+    """(pre_process, post_process) of this pipeline rank's model chunk ``vp_stage`` (None
+    without virtual stages): the embedding on the first chunk of the first rank, the head on
+    the last chunk of the last rank."""
     from megatron.core import parallel_state as ps
 
-    return ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    return (
+        ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+    )
 
 
-def layer_range(config) -> tuple[int, int]:
-    """[first, end) global decoder-layer indices this pipeline rank builds."""
+def layer_range(config, vp_stage: int | None = None) -> tuple[int, int]:
+    """[first, end) global decoder-layer indices of this pipeline rank's chunk ``vp_stage``."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    offset = get_transformer_layer_offset(config)
-    return offset, offset + get_num_layers_to_build(config)
+    offset = get_transformer_layer_offset(config, vp_stage)
+    return offset, offset + get_num_layers_to_build(config, vp_stage)
 
 
-def to_stage(full: dict[str, torch.Tensor], config, tied: bool) -> dict[str, torch.Tensor]:
-    """This stage's part of a full model's megatron-named tensors, layers renamed to local
-    indices. Tied embeddings: the last stage (not also first) gets the embedding as its
+def chunk_stages(num_chunks: int) -> list[int | None]:
+    """The ``vp_stage`` of each model chunk of this rank (None: no virtual stages)."""
+    return [None] if num_chunks == 1 else list(range(num_chunks))
+
+
+def to_stage(full: dict[str, torch.Tensor], config, tied: bool, vp_stage: int | None = None) -> dict[str, torch.Tensor]:
+    """This stage's (chunk's) part of a full model's megatron-named tensors, layers renamed to
+    local indices. Tied embeddings: the last stage (not also first) gets the embedding as its
     ``output_layer.weight`` copy."""
-    pre, post = stage_flags()
-    first, end = layer_range(config)
+    pre, post = stage_flags(vp_stage)
+    first, end = layer_range(config, vp_stage)
     out = {}
     for name, t in full.items():
         m = _LAYER.match(name)
@@ -144,10 +200,11 @@ def to_stage(full: dict[str, torch.Tensor], config, tied: bool) -> dict[str, tor
     return out
 
 
-def to_global(stage: dict[str, torch.Tensor], config, tied: bool) -> dict[str, torch.Tensor]:
-    """A stage's tensors under the full model's names (the tied copy on the last stage dropped)."""
-    pre, _ = stage_flags()
-    first, _ = layer_range(config)
+def to_global(stage: dict[str, torch.Tensor], config, tied: bool, vp_stage: int | None = None) -> dict[str, torch.Tensor]:
+    """A stage's (chunk's) tensors under the full model's names (the tied copy on the last
+    stage dropped)."""
+    pre, _ = stage_flags(vp_stage)
+    first, _ = layer_range(config, vp_stage)
     out = {}
     for name, t in stage.items():
         m = _LAYER.match(name)
@@ -158,13 +215,43 @@ def to_global(stage: dict[str, torch.Tensor], config, tied: bool) -> dict[str, t
     return out
 
 
-def gather_stages(stage: dict[str, torch.Tensor], config, tied: bool) -> dict[str, torch.Tensor] | None:
-    """Every stage's tensors (full-model names) on pipeline rank 0 of this rank's pipeline
-    group; None on the other stages. A collective of the pipeline group."""
+def join_chunks(chunks: list[dict], firsts: list[int]) -> dict:
+    """One dict of a rank's chunk dicts (chunk ``i``'s layers start at global layer
+    ``firsts[i]``): layers under global indices, everything else under its own name (the
+    embedding is only on chunk 0, the final norm and output layer only on the last chunk, so
+    nothing collides). The inverse of `split_chunks`."""
+    out: dict = {}
+    for chunk, first in zip(chunks, firsts, strict=True):
+        for name, t in chunk.items():
+            m = _LAYER.match(name)
+            out[f"decoder.layers.{int(m.group(1)) + first}.{m.group(2)}" if m else name] = t
+    return out
+
+
+def split_chunks(joined: dict, ranges: list[tuple[int, int]]) -> list[dict]:
+    """`join_chunks`' output back into chunk dicts: a layer to the chunk whose [first, end)
+    holds it (local index), the embedding to chunk 0, other non-layer names to the last."""
+    out: list[dict] = [{} for _ in ranges]
+    for name, t in joined.items():
+        m = _LAYER.match(name)
+        if not m:
+            out[0 if name.startswith("embedding.") else -1][name] = t
+            continue
+        i = int(m.group(1))
+        where = [c for c, (first, end) in enumerate(ranges) if first <= i < end]
+        if not where:
+            raise ValueError(f"{name}: layer {i} is not on this pipeline rank (its chunks hold {ranges})")
+        out[where[0]][f"decoder.layers.{i - ranges[where[0]][0]}.{m.group(2)}"] = t
+    return out
+
+
+def gather_stages(mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Every stage's tensors on pipeline rank 0 of this rank's pipeline group, from each
+    rank's ``mine`` under full-model names (`to_global`); None on the other stages. A
+    collective of the pipeline group."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    mine = to_global(stage, config, tied)
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return mine
     group = ps.get_pipeline_model_parallel_group()

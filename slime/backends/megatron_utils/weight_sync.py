@@ -145,11 +145,9 @@ def _iter_hf_tensors(actor: "MegatronActor") -> Iterator[tuple[str, "torch.Tenso
 
     if not joins_weight_gather(actor.info):
         return
-    state = {k: v for k, v in actor.model.module.state_dict().items() if not k.endswith("_extra_state")}
-    if actor.info.pp_size > 1:  # every stage's layers on pipeline rank 0 (full-model names), streamed from there
-        from slime.backends.megatron_utils.pipeline import gather_stages
-
-        state = gather_stages({k: v.detach().cpu() for k, v in state.items()}, actor.model.config, actor._tied)
+    state = actor.named_weights()
+    if actor.info.pp_size > 1:  # every stage's layers (every chunk's) on pipeline rank 0, full-model names
+        state = actor.gather_stages({k: v.detach().cpu() for k, v in state.items()})
         if state is None:
             return
     for index, names in enumerate(_parts(state)):
