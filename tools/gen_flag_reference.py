@@ -9,7 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "flags.md"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "flags.md"
+# This checkout's parser, not whichever checkout `pip install -e` last linked.
+sys.path.insert(0, str(ROOT))
 
 
 def render() -> str:
