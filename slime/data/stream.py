@@ -228,7 +228,7 @@ class StreamingData:
         return (encode_rows(encoder, reader, a, b, self._prep_rows) for a, b in ranges)
 
     def _run(self) -> None:
-        chunks = None
+        chunks, error = None, None
         try:
             chunks = self._chunks()
             for chunk in chunks:
@@ -238,25 +238,25 @@ class StreamingData:
             else:
                 self._finish()
         except BaseException as e:  # noqa: BLE001 - handed to the thread that asks for samples
+            error = e
             if isinstance(e, DataValidationError):
                 logger.error("%s", e)
             else:
                 logger.exception("data preparation failed")
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()  # stops the worker pool
             if self._final is None:
+                # Everything discarded before the error is visible: whoever sees it sees no leftovers.
                 with self._cond:
-                    if self._error is None:
-                        self._error = RuntimeError(f"{self.source.path}: the data preparation was stopped before it finished")
                     self._cleanup()
-                    self._cond.notify_all()
                 if self._abandon is not None:
                     self._abandon()
+                with self._cond:
+                    self._error = error or RuntimeError(
+                        f"{self.source.path}: the data preparation was stopped before it finished")
+                    self._cond.notify_all()
 
     def _add(self, c: Chunk) -> None:
         events = chunk_events(c, self.source, self.spec.max_length)
@@ -323,6 +323,7 @@ class StreamingData:
 
     def _cleanup(self) -> None:
         """Close and remove the spill (under the lock: samples are read from it under it)."""
+        self._ready[:] = False  # nothing is read from it any more: readers wait for the swap or the error
         for f in self._spill_out.values():
             f.close()
         for fd in self._spill_in.values():
