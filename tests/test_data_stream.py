@@ -48,8 +48,8 @@ def leftovers(root) -> list[str]:
 
 
 def rollouts(source, n: int) -> list:
-    return [[(s.index, s.tokens, s.loss_mask, s.response_length, s.metadata, s.status) for s in source.get_samples(BATCH)]
-            for _ in range(n)]
+    fields = ("index", "tokens", "loss_mask", "response_length", "metadata", "status")
+    return [[tuple(getattr(s, f) for f in fields) for s in source.get_samples(BATCH)] for _ in range(n)]
 
 
 class Gate:
@@ -144,6 +144,40 @@ def test_schema_errors_stop_before_training(tmp_path):
     with pytest.raises(DataValidationError) as whole:
         build_data_source(replace(cfg, streaming=False), progress=False)
     assert str(streamed.value) == str(whole.value)
+
+
+@pytest.mark.timeout(30)
+def test_schema_error_seen_first_by_the_background_encoder(tmp_path, monkeypatch, caplog):
+    """One sample per row: tokenizing starts while the schema pass runs. When the encoder meets
+    the bad row first, the schema pass still reports it, and nothing is logged as a late error."""
+    import time
+
+    from slime.data import scan, stream
+
+    path = write_jsonl(tmp_path / "data.jsonl", [BAD] + ROWS[:20])
+    seen = threading.Event()
+    original_events, original_parse = stream.chunk_events, scan.parse_row
+
+    def chunk_events(*a):
+        events = original_events(*a)
+        if events:
+            seen.set()  # the background thread holds the bad row's chunk
+        return events
+
+    def parse_row(row, keys):
+        if row == BAD:
+            assert seen.wait(timeout=20), "the background encoder never reached the bad row"
+            time.sleep(0.3)  # time enough for a background thread that would not wait to report it
+        return original_parse(row, keys)
+
+    monkeypatch.setattr(stream, "chunk_events", chunk_events)
+    monkeypatch.setattr(scan, "parse_row", parse_row)
+    with caplog.at_level(logging.INFO), pytest.raises(DataValidationError) as err:
+        build_data_source(config(path, tmp_path / "cache", streaming=True), progress=False)
+    assert seen.is_set() and "row 0 (line 1): field 'messages[1].role'" in str(err.value)
+    assert "found after training started" not in caplog.text and "found after training started" not in str(err.value)
+    assert leftovers(tmp_path / "cache") == []
+    assert not [t for t in threading.enumerate() if t.name == "slime-data-stream"]
 
 
 @pytest.mark.timeout(60)

@@ -53,7 +53,8 @@ def row_error(source: RowSource, row: int, fld: str, message: str) -> str:
     return f"{source.path}: {source.where(row)}: field '{fld}': {message}"
 
 
-def encode_rows(encoder: SFTEncoder, source: RowSource, start: int, stop: int, order: np.ndarray | None = None) -> Chunk:
+def encode_rows(encoder: SFTEncoder, source: RowSource, start: int, stop: int,
+                order: np.ndarray | None = None) -> Chunk:
     """Encode rows ``[start, stop)``, or with ``order`` the rows ``order[start:stop]`` (a streamed
     epoch prepares rows in the order training reads them). A `TemplateError` (a property of the
     template, not of a row) raises."""

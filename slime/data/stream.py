@@ -45,6 +45,8 @@ __all__ = ["StreamingData", "ramp_ranges", "start_streaming", "whole_first_reaso
 
 #: Rows of the first chunk; chunks double up to ``chunk_rows`` (the first samples come back fast).
 FIRST_CHUNK_ROWS = 16
+#: Per-sample facts kept from each chunk until the merge (int32; truncation flags apart).
+_PER_SAMPLE = ("lengths", "supervised", "straddles", "turns")
 #: A wait for a sample longer than this is logged (training is waiting for tokenization).
 WAIT_LOG_S = 30.0
 
@@ -99,7 +101,7 @@ class StreamingData:
         self._prep_rows = in_order[np.sort(seen)]  # each row once, where training first needs it
         self._ready = np.zeros(n, dtype=bool)
         self._at = np.zeros(n, dtype=np.int64)  # first token in the spill
-        self._per_sample = {name: np.zeros(n, dtype=np.int32) for name in ("lengths", "supervised", "straddles", "turns")}
+        self._per_sample = {name: np.zeros(n, dtype=np.int32) for name in _PER_SAMPLE}
         self._truncated = np.zeros(n, dtype=np.uint8)
         self._provisional = DataReport(path=source.path, policy=spec.policy, max_length=spec.max_length, rows=rows,
                                        samples=n)
@@ -113,9 +115,9 @@ class StreamingData:
         self._final: PreparedData | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._checked = threading.Event()  # set once every row passed the schema pass (`start_streaming`)
         self._encoder = None
         self.workers = parallel.plan_workers(num_workers, rows, min_rows_per_worker)
-        self._min_rows_per_worker = min_rows_per_worker
         self._log = ProgressLog(f"preparing {source.path} (streamed, in training order)", total=rows,
                                 workers=self.workers, enabled=progress)
         self._thread = threading.Thread(target=self._run, name="slime-data-stream", daemon=True)
@@ -202,9 +204,14 @@ class StreamingData:
     def lengths(self) -> np.ndarray:
         return self.wait("the sample lengths").lengths
 
+    def checked(self) -> None:
+        """Every row passed the schema pass: from now on an error of a row is a late error."""
+        self._checked.set()
+
     def close(self, timeout: float = 60.0) -> None:
         """Stop the background preparation (if still running); an unfinished build is discarded."""
         self._stop.set()
+        self._checked.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -261,6 +268,9 @@ class StreamingData:
     def _add(self, c: Chunk) -> None:
         events = chunk_events(c, self.source, self.spec.max_length)
         if events:
+            self._checked.wait()  # the schema pass may still run: if it fails, it reports (and closes)
+            if self._stop.is_set():
+                return
             raise self._late_error([msg for _, _, msg in events])
         rows = self._prep_rows[c.start : c.stop]
         if not np.array_equal(np.repeat(rows, self._spr[rows]), c.rows):
@@ -298,12 +308,12 @@ class StreamingData:
                  for name, path in self._spill_paths.items()}
         for a, b in chunk_ranges(len(self.source), self.chunk_rows):
             ka, kb = int(self._first[a]), int(self._first[b])
-            lengths = self._per_sample["lengths"][ka:kb].astype(np.int64)
-            gather = np.repeat(self._at[ka:kb] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
-            per = {name: self._per_sample[name][ka:kb].astype(np.int64) for name in ("supervised", "straddles", "turns")}
-            yield Chunk(a, b, [], rows=self._row_of[ka:kb], lengths=lengths, truncated=self._truncated[ka:kb].astype(np.int64),
-                        token_ids=np.asarray(spill["token_ids"][gather]), loss_mask=np.asarray(spill["loss_mask"][gather]),
-                        **per)
+            per = {name: self._per_sample[name][ka:kb].astype(np.int64) for name in _PER_SAMPLE}
+            lengths = per["lengths"]
+            gather = np.repeat(self._at[ka:kb] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+            yield Chunk(a, b, [], rows=self._row_of[ka:kb], truncated=self._truncated[ka:kb].astype(np.int64),
+                        token_ids=np.asarray(spill["token_ids"][gather]),
+                        loss_mask=np.asarray(spill["loss_mask"][gather]), **per)
 
     def _finish(self) -> None:
         for f in self._spill_out.values():
@@ -335,18 +345,33 @@ class StreamingData:
 def start_streaming(cfg, source: RowSource, *, store_dir: str | None = None, store_meta: dict | None = None,
                     publish=None, abandon=None, max_errors: int = 20, progress: bool = True,
                     chunk_rows: int = DEFAULT_CHUNK_ROWS, min_rows_per_worker: int | None = None) -> StreamingData:
-    """Check every row (raises before training, as the whole-first path would), then start
-    preparing in the order of epoch 0 of ``cfg``'s seed."""
+    """Check every row (raises before training, as the whole-first path would) and prepare the
+    rows in the order of epoch 0 of ``cfg``'s seed. With one sample per row (every policy but
+    per-turn) that order is known before the check, so tokenizing starts while it runs."""
     from slime.data.data_source import epoch_order
     from slime.data.scan import scan_rows
 
-    counts = scan_rows(source, cfg.keys, cfg.policy, cfg.max_length, max_errors=max_errors, progress=progress)
-    order = epoch_order(int(counts.sum()), cfg.shuffle, cfg.seed, 0)
-    spill = os.path.join(store_dir, ".spill") if store_dir else tempfile.mkdtemp(prefix="slime-sft-stream-")
+    def stream(counts: np.ndarray) -> StreamingData:
+        spill = os.path.join(store_dir, ".spill") if store_dir else tempfile.mkdtemp(prefix="slime-sft-stream-")
+        return StreamingData(source, cfg.encoder_spec(), counts, epoch_order(int(counts.sum()), cfg.shuffle, cfg.seed, 0),
+                             spill_dir=spill, num_workers=cfg.num_workers, chunk_rows=chunk_rows,
+                             min_rows_per_worker=min_rows_per_worker, store_dir=store_dir, store_meta=store_meta,
+                             publish=publish, abandon=abandon, max_errors=max_errors, progress=progress)
+
+    def scan() -> np.ndarray:
+        return scan_rows(source, cfg.keys, cfg.policy, cfg.max_length, max_errors=max_errors, progress=progress)
+
+    if cfg.policy == "per-turn":  # samples per row come from the check
+        data = stream(scan())
+    else:
+        data = stream(np.ones(len(source), dtype=np.int64))
+        try:
+            scan()
+        except BaseException:
+            data.close()
+            raise
+    data.checked()
     logger.info("data streaming: training starts once its first samples are tokenized; the rest of %s is "
                 "tokenized in the background, in the order training reads it (--no-data-streaming: all first)",
                 source.path)
-    return StreamingData(source, cfg.encoder_spec(), counts, order, spill_dir=spill, num_workers=cfg.num_workers,
-                         chunk_rows=chunk_rows, min_rows_per_worker=min_rows_per_worker, store_dir=store_dir,
-                         store_meta=store_meta, publish=publish, abandon=abandon, max_errors=max_errors,
-                         progress=progress)
+    return data
