@@ -353,8 +353,8 @@ def start_streaming(cfg, source: RowSource, *, store_dir: str | None = None, sto
 
     def stream(counts: np.ndarray) -> StreamingData:
         spill = os.path.join(store_dir, ".spill") if store_dir else tempfile.mkdtemp(prefix="slime-sft-stream-")
-        return StreamingData(source, cfg.encoder_spec(), counts, epoch_order(int(counts.sum()), cfg.shuffle, cfg.seed, 0),
-                             spill_dir=spill, num_workers=cfg.num_workers, chunk_rows=chunk_rows,
+        order = epoch_order(int(counts.sum()), cfg.shuffle, cfg.seed, 0)
+        return StreamingData(source, cfg.encoder_spec(), counts, order, spill_dir=spill, num_workers=cfg.num_workers, chunk_rows=chunk_rows,
                              min_rows_per_worker=min_rows_per_worker, store_dir=store_dir, store_meta=store_meta,
                              publish=publish, abandon=abandon, max_errors=max_errors, progress=progress)
 
