@@ -8,7 +8,8 @@ counts: one per row, or one per trained assistant turn with ``--multi-turn-polic
 The first epoch's order is therefore known before any row is tokenized, and rows are
 prepared in it:
 
-    scan every row (before step 1) -> sample count -> order of epoch 0 -> its rows, chunk by
+    scan every row (before step 1; with one sample per row tokenizing already runs meanwhile)
+    -> sample count -> order of epoch 0 -> its rows, chunk by
     chunk (small chunks first), encoded by a background thread (worker processes as usual)
     -> spill files -> a sample is served as soon as its row is done -> after the last row,
     the spill is merged in row order by the whole-first path's own code
@@ -303,17 +304,24 @@ class StreamingData:
         )
 
     def _row_order_chunks(self):
-        """The spill as chunks in row order: what the whole-first path merges."""
-        spill = {name: np.memmap(path, dtype=np.int32 if name == "token_ids" else np.uint8, mode="r")
-                 for name, path in self._spill_paths.items()}
-        for a, b in chunk_ranges(len(self.source), self.chunk_rows):
-            ka, kb = int(self._first[a]), int(self._first[b])
-            per = {name: self._per_sample[name][ka:kb].astype(np.int64) for name in _PER_SAMPLE}
-            lengths = per["lengths"]
-            gather = np.repeat(self._at[ka:kb] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
-            yield Chunk(a, b, [], rows=self._row_of[ka:kb], truncated=self._truncated[ka:kb].astype(np.int64),
-                        token_ids=np.asarray(spill["token_ids"][gather]),
-                        loss_mask=np.asarray(spill["loss_mask"][gather]), **per)
+        """The spill as chunks in row order: what the whole-first path merges. Read by offset,
+        not mapped, so memory stays flat (see `slime.data.store`)."""
+        fds = {name: os.open(path, os.O_RDONLY) for name, path in self._spill_paths.items()}
+        try:
+            for a, b in chunk_ranges(len(self.source), self.chunk_rows):
+                ka, kb = int(self._first[a]), int(self._first[b])
+                per = {name: self._per_sample[name][ka:kb].astype(np.int64) for name in _PER_SAMPLE}
+                spans = list(zip(self._at[ka:kb].tolist(), per["lengths"].tolist()))
+                ids = b"".join(os.pread(fds["token_ids"], 4 * n, 4 * at) for at, n in spans)
+                mask = b"".join(os.pread(fds["loss_mask"], n, at) for at, n in spans)
+                if len(mask) != int(per["lengths"].sum()) or len(ids) != 4 * len(mask):
+                    raise RuntimeError(f"{self._spill_dir}: the spill is shorter than its index")
+                yield Chunk(a, b, [], rows=self._row_of[ka:kb], truncated=self._truncated[ka:kb].astype(np.int64),
+                            token_ids=np.frombuffer(ids, dtype=np.int32), loss_mask=np.frombuffer(mask, dtype=np.uint8),
+                            **per)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def _finish(self) -> None:
         for f in self._spill_out.values():
@@ -354,8 +362,8 @@ def start_streaming(cfg, source: RowSource, *, store_dir: str | None = None, sto
     def stream(counts: np.ndarray) -> StreamingData:
         spill = os.path.join(store_dir, ".spill") if store_dir else tempfile.mkdtemp(prefix="slime-sft-stream-")
         order = epoch_order(int(counts.sum()), cfg.shuffle, cfg.seed, 0)
-        return StreamingData(source, cfg.encoder_spec(), counts, order, spill_dir=spill, num_workers=cfg.num_workers, chunk_rows=chunk_rows,
-                             min_rows_per_worker=min_rows_per_worker, store_dir=store_dir, store_meta=store_meta,
+        return StreamingData(source, cfg.encoder_spec(), counts, order, spill_dir=spill, num_workers=cfg.num_workers,
+                             chunk_rows=chunk_rows, min_rows_per_worker=min_rows_per_worker, store_dir=store_dir, store_meta=store_meta,
                              publish=publish, abandon=abandon, max_errors=max_errors, progress=progress)
 
     def scan() -> np.ndarray:
