@@ -8,10 +8,14 @@ phase in its own subprocess so peak RSS is per phase:
     serial    our cold prepare in one process (hash, validate, tokenize, masks, write the cache)
     parallel  the same with ``--workers`` processes (default: every usable core)
     warm      a cache hit: time to the first rollout batch, then one pass over every sample
+    first-whole     cold start, shuffled, every row prepared first: time to the first rollout batch
+    first-streamed  the same with data streaming (rows tokenized in training order in the
+                    background): time to the first batch, and until the cache is complete
 
-It checks that the serial and parallel caches are identical and prints one table.
+It checks that the serial and parallel caches are identical, that the streamed cache and
+first batch equal the whole-first ones, and prints one table.
 
-    python benchmarks/bench_data_prepare.py [--rows 20000] [--workers N] [--phases floor serial parallel warm]
+    python benchmarks/bench_data_prepare.py [--rows 20000] [--workers N] [--phases floor serial parallel warm ...]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO, "..", "shared", "assets", "qwen3-tokenizer"))
 TINY_TOKENIZER = os.path.join(REPO, "slime", "assets", "tiny-qwen3")
-PHASES = ("floor", "serial", "parallel", "warm")
+PHASES = ("floor", "serial", "parallel", "warm", "first-whole", "first-streamed")
 
 WORDS = ("the a of to and in is that for it as with was on be by this are or from at an which can have one "  # noqa: SIM905
          "you not we all use when their there been if more will would these two first other each some time "
@@ -135,10 +139,11 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _config(a, cache_dir: str, workers: int, data: str | None = None):
+def _config(a, cache_dir: str, workers: int, data: str | None = None, **kw):
     from slime.data.config import SFTDataConfig
 
-    return SFTDataConfig(prompt_data=data or a.data, hf_checkpoint=a.tokenizer, num_workers=workers, cache_dir=cache_dir)
+    return SFTDataConfig(prompt_data=data or a.data, hf_checkpoint=a.tokenizer, num_workers=workers, cache_dir=cache_dir,
+                         **kw)
 
 
 def run_phase(a) -> dict:
@@ -185,6 +190,25 @@ def run_phase(a) -> dict:
             n += len(batch)
         res.update(rows=data.report.rows, samples=len(data), tokens=data.report.tokens, pass_samples=n,
                    pass_tokens=tokens, pass_s=time.perf_counter() - t_pass, fingerprint=data.fingerprint())
+    elif a.phase.startswith("first-"):
+        import hashlib
+
+        from slime.data.data_source import SFTDataSource
+        from slime.data.loader import load_prepared
+
+        streamed = a.phase == "first-streamed"
+        data = load_prepared(_config(a, a.cache, a.workers, shuffle=True, seed=1, streaming=streamed), progress=False)
+        source = SFTDataSource(data, shuffle=True, seed=1)
+        first = source.get_samples(a.batch)
+        res["first_batch_s"] = time.perf_counter() - t0
+        res["rss_at_first_batch"] = _rss_mb()
+        h = hashlib.sha256()
+        for sample in first:
+            h.update(json.dumps([sample.tokens, sample.loss_mask]).encode())
+        done = data.wait() if streamed else data
+        res["complete_s"] = time.perf_counter() - t0
+        res.update(rows=done.report.rows, samples=len(done), tokens=done.report.tokens, entry=done.store.directory,
+                   fingerprint=done.fingerprint(), first_batch=h.hexdigest())
     res["wall_s"] = time.perf_counter() - t0
     res["cpu_s"] = _cpu_s() - cpu0
     res["rss"] = _rss_mb()
@@ -284,6 +308,18 @@ def _same_store(a_dir: str, b_dir: str) -> bool:
     return a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a[k], b[k]) for k in a.arrays)
 
 
+def _same_files(a_dir: str, b_dir: str) -> bool:
+    """Byte-identical directories (every file of a cache entry, meta.json included)."""
+    names = sorted(os.listdir(a_dir))
+    if names != sorted(os.listdir(b_dir)):
+        return False
+    for name in names:
+        with open(os.path.join(a_dir, name), "rb") as fa, open(os.path.join(b_dir, name), "rb") as fb:
+            if fa.read() != fb.read():
+                return False
+    return True
+
+
 def _notes(a, phase: str, r: dict, results: dict) -> str:
     if phase == "floor":
         return f"per-row loop alone {r['rows'] / r['loop_s']:,.0f} rows/s"
@@ -295,6 +331,13 @@ def _notes(a, phase: str, r: dict, results: dict) -> str:
         return (f"{serial['wall_s'] / r['wall_s']:.2f}x serial wall (target >= {0.8 * a.workers:.1f}x). CPU: parent "
                 f"{r['main_cpu_s']:.1f} s, workers {', '.join(f'{c:.1f}' for c in r['worker_cpu_s'])} s: on idle "
                 f"cores <= {bound:.1f} s, {serial['cpu_s'] / bound:.2f}x the serial run's {serial['cpu_s']:.1f} CPU s")
+    if phase == "first-whole":
+        return f"first batch of {a.batch} after {r['first_batch_s']:.2f} s (every row prepared first)"
+    if phase == "first-streamed":
+        whole = results.get("first-whole")
+        ratio = f", {whole['first_batch_s'] / r['first_batch_s']:.1f}x sooner than whole-first" if whole else ""
+        return (f"first batch of {a.batch} after {r['first_batch_s']:.2f} s{ratio}; cache complete after "
+                f"{r['complete_s']:.2f} s" + (f" ({r['complete_s'] / whole['complete_s']:.2f}x whole-first)" if whole else ""))
     if phase.startswith("warm"):
         at = r["rss_at_first_batch"]
         return (f"{r['samples']:,} samples: first batch of {a.batch} after {r['first_batch_s']:.2f} s (cache opened in "
@@ -326,6 +369,12 @@ def verdicts(a, results: dict) -> list[str]:
     if "warm" in results and "parallel" in results:
         ok = results["warm"]["fingerprint"] == results["parallel"]["fingerprint"]
         out.append("warm fingerprint == cold: " + ("OK" if ok else "FAIL"))
+    if "first-whole" in results and "first-streamed" in results:
+        w, st = results["first-whole"], results["first-streamed"]
+        same = (w["first_batch"] == st["first_batch"] and w["fingerprint"] == st["fingerprint"]
+                and _same_files(w["entry"], st["entry"]))
+        out.append("streamed == whole-first (first batch, fingerprint, every cache file byte for byte): "
+                   + ("OK" if same else "FAIL"))
     for phase, r in results.items():
         if phase.startswith("warm x"):
             out.append(f"{phase}: tiled entry samples == tokenizer on their rows (spot check): "
@@ -380,7 +429,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     for rep in range(a.repeats):  # interleaved, so load from other jobs hits every phase alike; best wall kept
         for phase in a.phases:
-            if phase in ("serial", "parallel"):
+            if phase in ("serial", "parallel", "first-whole", "first-streamed"):
                 shutil.rmtree(os.path.join(a.work, phase), ignore_errors=True)  # cold means cold
             r = _subprocess(a, phase)
             print(f"  run {rep + 1}/{a.repeats} {phase}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU", flush=True)

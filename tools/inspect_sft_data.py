@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 
 from slime.utils.arguments import get_parser
 
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from slime.data.chat_template import TemplateError
 
     try:
-        source = build_data_source(SFTDataConfig.from_args(args), progress=True)
+        # The summary and the dump need every row: prepared whole-first, never streamed.
+        source = build_data_source(replace(SFTDataConfig.from_args(args), streaming=False), progress=True)
     except (DataValidationError, TemplateError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

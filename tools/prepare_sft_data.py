@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from slime.data.dataset import DataValidationError
     from slime.data.loader import load_prepared
 
-    cfg = SFTDataConfig.from_args(args)
+    cfg = replace(SFTDataConfig.from_args(args), streaming=False)  # the point is to tokenize every row now
     pairs = args.eval_prompt_data or []
     sets = [("train", args.prompt_data), *zip(pairs[::2], pairs[1::2])]
     for name, path in sets:

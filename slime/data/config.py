@@ -2,7 +2,8 @@
 
 `build_data_source` serves a data file from the token cache when an entry for the same
 content, tokenizer, flags and code exists (no tokenizer is even loaded then), and otherwise
-prepares it (in ``num_workers`` processes) and publishes the result to the cache.
+prepares it (in ``num_workers`` processes; streamed in training order with ``streaming``)
+and publishes the result to the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SFTDataConfig:
     cache_dir: token cache root (``--data-cache-dir``); None = no cache, a private temporary
         store per run (the command line defaults to `slime.data.cache.default_cache_dir`).
     overwrite_cache: rebuild the cache entry even when one exists (``--overwrite-data-cache``).
+    streaming: on a cache miss, start training once the first samples are prepared and
+        prepare the rest in the background, in training order (`slime.data.stream`); the
+        command line turns it on unless ``--no-data-streaming``.
     """
 
     prompt_data: str
@@ -50,6 +54,7 @@ class SFTDataConfig:
     num_workers: int | None = None
     cache_dir: str | None = None
     overwrite_cache: bool = False
+    streaming: bool = False
 
     def __post_init__(self):
         if not self.prompt_data:
@@ -87,6 +92,7 @@ class SFTDataConfig:
             num_workers=args.data_num_workers,
             cache_dir=None if args.no_data_cache else (args.data_cache_dir or default_cache_dir()),
             overwrite_cache=args.overwrite_data_cache,
+            streaming=not args.no_data_streaming,
         )
 
 

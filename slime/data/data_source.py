@@ -6,6 +6,10 @@ runs past the end of an epoch continues into the next one, so every epoch is see
 `state_dict` is (epoch, offset) plus a fingerprint of the sample set (a hash of every
 sample's token ids and mask); loading it into a source built from the same data and flags
 continues with exactly the next sample, and changed data or flags are refused.
+
+The order depends only on the sample count, the seed and the epoch (`epoch_order`), never
+on token content, so a streamed start (`slime.data.stream`) can prepare the samples in the
+order this source will ask for them.
 """
 
 from __future__ import annotations
@@ -17,12 +21,21 @@ import numpy as np
 from slime.data.dataset import PreparedData
 from slime.utils.types import Sample
 
-__all__ = ["SFTDataSource"]
+__all__ = ["SFTDataSource", "epoch_order"]
+
+
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Sample indices of epoch ``epoch``: ``permutation(seed + epoch)`` of ``n``, or ``0..n-1``."""
+    return np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
 
 
 @dataclass
 class SFTDataSource:
-    """``get_samples(n)`` returns the next ``n`` samples with tokens and loss masks."""
+    """``get_samples(n)`` returns the next ``n`` samples with tokens and loss masks.
+
+    ``data``: a `PreparedData`, or a `slime.data.stream.StreamingData` still being prepared
+    (same interface; a sample not yet prepared is waited for).
+    """
 
     data: PreparedData
     shuffle: bool = False
@@ -52,8 +65,7 @@ class SFTDataSource:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            n = len(self.data)
-            self._order = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+            self._order = epoch_order(len(self.data), self.shuffle, self.seed, epoch)
             self._order_epoch = epoch
         return self._order
 
@@ -73,15 +85,26 @@ class SFTDataSource:
         position = self.epoch * len(self) + self.offset
         return [self.data.sample(k, index=position + j) for j, k in enumerate(self.next_indices(n))]
 
-    def state_dict(self) -> dict:
+    def position(self) -> dict:
+        """Where the next sample comes from; cheap (`state_dict` adds the fingerprint, which
+        needs every sample prepared)."""
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def state_dict(self, position: dict | None = None) -> dict:
+        """The resumable state, at ``position`` (from `position`) or at the current one."""
+        position = position or self.position()
         return {
-            "epoch": self.epoch,
-            "offset": self.offset,
+            "epoch": position["epoch"],
+            "offset": position["offset"],
             "seed": self.seed,
             "shuffle": self.shuffle,
             "num_samples": len(self),
             "fingerprint": self.data.fingerprint(),
         }
+
+    def close(self) -> None:
+        """Stop the data's background preparation, if any (a streamed start)."""
+        self.data.close()
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()

@@ -25,7 +25,8 @@ from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataReport", "DataValidationError", "EncoderSpec", "PreparedData", "SFTEncoder", "make_sample"]
+__all__ = ["DataReport", "DataValidationError", "EncoderSpec", "PreparedData", "SFTEncoder", "make_sample",
+           "stored_sample"]
 
 
 class DataValidationError(ValueError):
@@ -52,6 +53,13 @@ def make_sample(conv: Conversation, enc: Encoded, index: int, row_index: int) ->
         status=Sample.Status.TRUNCATED if enc.truncated else Sample.Status.COMPLETED,
         metadata=metadata,
     )
+
+
+def stored_sample(source: RowSource, keys: DataKeys, ids: list[int], mask: list[int], row_index: int, turn: int,
+                  truncated: bool, index: int) -> Sample:
+    """A sample from its stored tokens and mask; prompt, label and metadata re-read from its row."""
+    enc = Encoded(ids, mask, turn=None if turn < 0 else turn, truncated=truncated)
+    return make_sample(parse_row(source[row_index], keys), enc, index, row_index)
 
 
 @dataclass
@@ -208,11 +216,15 @@ class PreparedData:
 
     def sample(self, k: int, index: int | None = None) -> Sample:
         """Sample ``k``: stored tokens and mask, prompt and metadata from its row."""
-        row_index, turn = int(self.store["rows"][k]), int(self.store["turns"][k])
         ids, mask = self.store.tokens(k)
-        enc = Encoded(ids, mask, turn=None if turn < 0 else turn, truncated=bool(self.store["truncated"][k]))
-        conv = parse_row(self.source[row_index], self.keys)
-        return make_sample(conv, enc, k if index is None else index, row_index)
+        return stored_sample(self.source, self.keys, ids, mask, int(self.store["rows"][k]), int(self.store["turns"][k]),
+                             bool(self.store["truncated"][k]), k if index is None else index)
+
+    def summary_lines(self) -> list[str]:
+        return self.report.summary_lines()
+
+    def close(self) -> None:
+        """Nothing runs in the background (`slime.data.stream.StreamingData.close` stops its preparation)."""
 
     def fingerprint(self) -> str:
         """Identifies the sample set, so a resumed run can refuse changed data.

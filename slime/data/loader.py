@@ -1,4 +1,5 @@
-"""Prepared data for a config: a cache hit opens a stored entry, a miss prepares and publishes one.
+"""Prepared data for a config: a cache hit opens a stored entry, a miss prepares and publishes one
+(streamed in training order when the flags allow it, see `slime.data.stream`).
 
 A hit costs a stat of the data and tokenizer files (their content hashes are remembered,
 see `slime.data.cache`), mapping the arrays, and rebuilding the report; no tokenizer is
@@ -9,6 +10,7 @@ loaded and no row is read until a sample is asked for. The stored report keeps t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -20,6 +22,7 @@ from slime.data.dataset import DataReport, PreparedData
 from slime.data.prepare import prepare
 from slime.data.readers import open_rows
 from slime.data.store import StoreError, TokenStore
+from slime.data.stream import StreamingData, start_streaming, whole_first_reason
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +54,18 @@ def _stat(path: str) -> list:
     return [(p, cache.stat_signature(os.stat(p))) for p in paths]
 
 
-def load_prepared(cfg: SFTDataConfig, progress: bool = True) -> PreparedData:
-    """`PreparedData` for ``cfg``: from the token cache when possible, else prepared (and cached)."""
+def load_prepared(cfg: SFTDataConfig, progress: bool = True) -> PreparedData | StreamingData:
+    """`PreparedData` for ``cfg``: from the token cache when possible, else prepared (and cached).
+
+    On a miss with ``cfg.streaming`` (and nothing that needs every row first, see
+    `slime.data.stream.whole_first_reason`) a `StreamingData` is returned as soon as every row
+    passed the schema check; it is published to the cache when its preparation finishes.
+    """
     path = cfg.prompt_data
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if cfg.cache_dir is None:
-        return prepare(open_rows(path), cfg.encoder_spec(), skip_invalid=cfg.skip_invalid, max_errors=MAX_ERRORS,
-                       progress=progress, num_workers=cfg.num_workers)
+        return _prepare(cfg, open_rows(path), progress, store_dir=None, store_meta=None, publish=None)
     t0 = time.perf_counter()
     root = cfg.cache_dir
     key, desc = cache.cache_key(cfg, path, root)
@@ -85,11 +92,29 @@ def load_prepared(cfg: SFTDataConfig, progress: bool = True) -> PreparedData:
     source = open_rows(path)
     tmp = cache.new_tmp_dir(root, key)
     try:
-        data = prepare(source, cfg.encoder_spec(), skip_invalid=cfg.skip_invalid, max_errors=MAX_ERRORS, progress=progress,
-                       num_workers=cfg.num_workers, store_dir=tmp, store_meta={"key": key, "describe": desc})
+        return _prepare(cfg, source, progress, store_dir=tmp, store_meta={"key": key, "describe": desc},
+                        publish=functools.partial(_publish, path=path, before=before, tmp=tmp, root=root, key=key))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _prepare(cfg: SFTDataConfig, source, progress: bool, store_dir: str | None, store_meta: dict | None,
+             publish) -> PreparedData | StreamingData:
+    reason = whole_first_reason(cfg, len(source))
+    if reason is None:
+        abandon = functools.partial(shutil.rmtree, store_dir, True) if store_dir else None
+        return start_streaming(cfg, source, store_dir=store_dir, store_meta=store_meta, publish=publish,
+                               abandon=abandon, max_errors=MAX_ERRORS, progress=progress)
+    if cfg.streaming:
+        logger.info("preparing every row of %s before training: %s", source.path, reason)
+    data = prepare(source, cfg.encoder_spec(), skip_invalid=cfg.skip_invalid, max_errors=MAX_ERRORS, progress=progress,
+                   num_workers=cfg.num_workers, store_dir=store_dir, store_meta=store_meta)
+    return publish(data) if publish is not None else data
+
+
+def _publish(data: PreparedData, path: str, before: list, tmp: str, root: str, key: str) -> PreparedData:
+    """Move a complete build into the cache (unless the file changed while it was read)."""
     if _stat(path) != before:
         # The rows may mix two versions of the file: use them for this run (the order of
         # events is the user's), but never publish them under the first version's key.

@@ -4,8 +4,8 @@ Workers are started with the ``spawn`` method: forking a process that runs Ray's
 (the RolloutManager actor) or has used the tokenizer's thread pool can deadlock or
 silently disable tokenizer parallelism, and a spawned worker pays only a short start-up
 (it loads the tokenizer itself; torch is kept out, see `_init_worker`). Each worker gets
-the encoder (or its `EncoderSpec`) and the row source once, then only ``(start, stop)``
-row ranges; it returns
+the encoder (or its `EncoderSpec`), the row source (and the row order of a streamed
+epoch) once, then only ``(start, stop)`` ranges; it returns
 numpy arrays, so the traffic per row is its token ids and a few counters. At most
 ``2 x workers`` chunks are in flight, which keeps memory flat however large the file.
 """
@@ -65,7 +65,7 @@ def _init_worker(payload: bytes) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["OMP_NUM_THREADS"] = "1"
-    _STATE["encoder"], _STATE["source"] = pickle.loads(payload)
+    _STATE["encoder"], _STATE["source"], _STATE["order"] = pickle.loads(payload)
 
 
 def _encode(start: int, stop: int):
@@ -76,18 +76,20 @@ def _encode(start: int, stop: int):
         # Built here, not in the initializer, so a bad tokenizer or template raises through
         # the task's future with its own message instead of breaking the pool.
         _STATE["encoder"] = _STATE["encoder"].build()
-    return encode_rows(_STATE["encoder"], _STATE["source"], start, stop)
+    return encode_rows(_STATE["encoder"], _STATE["source"], start, stop, _STATE["order"])
 
 
-def encode_in_processes(encoder, source, ranges: list[tuple[int, int]], workers: int) -> Iterator:
+def encode_in_processes(encoder, source, ranges: list[tuple[int, int]], workers: int, order=None) -> Iterator:
     """Yield `slime.data.prepare.Chunk` for each range, in order, computed by ``workers`` processes.
+
+    ``order``: ranges index this array of rows instead of the rows themselves (sent once).
 
     Closing the generator (or an exception in a worker, re-raised here) stops the pool.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    payload = pickle.dumps((encoder, source), protocol=pickle.HIGHEST_PROTOCOL)
+    payload = pickle.dumps((encoder, source, order), protocol=pickle.HIGHEST_PROTOCOL)
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(payload,))
     pending: deque = deque()

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import re
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ from slime.data.store import StoreWriter, TokenStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "chunk_ranges", "encode_rows", "prepare"]
+__all__ = ["Chunk", "chunk_events", "chunk_ranges", "encode_rows", "field_kind", "merge_chunks", "prepare", "row_error"]
 
 DEFAULT_CHUNK_ROWS = 256
 
@@ -48,13 +48,21 @@ class Chunk:
     loss_mask: np.ndarray
 
 
-def encode_rows(encoder: SFTEncoder, source: RowSource, start: int, stop: int) -> Chunk:
-    """Encode rows ``[start, stop)``. A `TemplateError` (a property of the template, not of a row) raises."""
+def row_error(source: RowSource, row: int, fld: str, message: str) -> str:
+    """How every row error reads: ``file: row R (line L): field 'F': message``."""
+    return f"{source.path}: {source.where(row)}: field '{fld}': {message}"
+
+
+def encode_rows(encoder: SFTEncoder, source: RowSource, start: int, stop: int,
+                order: np.ndarray | None = None) -> Chunk:
+    """Encode rows ``[start, stop)``, or with ``order`` the rows ``order[start:stop]`` (a streamed
+    epoch prepares rows in the order training reads them). A `TemplateError` (a property of the
+    template, not of a row) raises."""
     per_sample = {k: array("q") for k in ("rows", "turns", "lengths", "supervised", "truncated", "straddles")}
     ids, mask = array("i"), bytearray()
     errors = []
     per_turn = encoder.policy == "per-turn"
-    for i in range(start, stop):
+    for i in (range(start, stop) if order is None else (int(r) for r in order[start:stop])):
         try:
             try:
                 _, encs = encoder.encode_row(source[i])
@@ -63,7 +71,7 @@ def encode_rows(encoder: SFTEncoder, source: RowSource, start: int, stop: int) -
         except TemplateError:
             raise
         except RowFieldError as e:
-            errors.append((i, e.field, f"{source.path}: {source.where(i)}: field '{e.field}': {e.message}"))
+            errors.append((i, e.field, row_error(source, i, e.field, e.message)))
             continue
         for enc in encs:
             per_sample["rows"].append(i)
@@ -86,8 +94,22 @@ def chunk_ranges(n: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
 
 
-def _field_kind(name: str) -> str:
+def field_kind(name: str) -> str:
     return re.sub(r"\[\d+\]", "[]", name)
+
+
+def chunk_events(c: Chunk, source: RowSource, max_length: int | None) -> list[tuple[int, str, str]]:
+    """Row errors and dropped samples of a chunk, in row order: (row, field kind, message); a
+    drop's kind ends with ``": truncation"``."""
+    events = [(row, field_kind(fld), msg) for row, fld, msg in c.errors]
+    for k in np.flatnonzero(c.supervised == 0):
+        row, turn = int(c.rows[k]), int(c.turns[k])
+        where = "messages" if turn < 0 else f"messages[{turn}]"
+        msg = row_error(source, row, where, "no supervised token left after truncation to "
+                        f"--rollout-max-context-len {max_length}")
+        events.append((row, f"{where}: truncation", msg))
+    events.sort(key=lambda e: e[0])  # stable: a row has either an error or samples
+    return events
 
 
 class _Merger:
@@ -106,22 +128,10 @@ class _Merger:
         if len(self.report.errors) < self.max_errors:
             self.report.errors.append(message)
 
-    def _events(self, c: Chunk) -> Iterator[tuple[int, str, str | None]]:
-        """Row errors and dropped samples, in row order: (row, field kind, message or None for a drop)."""
-        events = [(row, _field_kind(fld), msg) for row, fld, msg in c.errors]
-        for k in np.flatnonzero(c.supervised == 0):
-            row, turn = int(c.rows[k]), int(c.turns[k])
-            where = "messages" if turn < 0 else f"messages[{turn}]"
-            msg = (f"{self.source.path}: {self.source.where(row)}: field '{where}': no supervised token left after "
-                   f"truncation to --rollout-max-context-len {self.encoder.max_length}")
-            events.append((row, f"{where}: truncation", msg))
-        events.sort(key=lambda e: e[0])  # stable: a row has either an error or samples
-        return iter(events)
-
     def add(self, c: Chunk) -> None:
         r = self.report
         dropped = 0
-        for row, kind, msg in self._events(c):
+        for row, kind, msg in chunk_events(c, self.source, self.encoder.max_length):
             if kind.endswith(": truncation"):
                 dropped += 1
                 self._note(kind, msg)
@@ -186,6 +196,32 @@ def prepare(
     """
     from slime.data import parallel
 
+    ranges = chunk_ranges(len(source), chunk_rows)
+    workers = parallel.plan_workers(num_workers, len(source), min_rows_per_worker)
+    log = ProgressLog(f"preparing {source.path}", total=len(source), workers=workers, enabled=progress)
+    if workers > 1:
+        chunks: Iterable[Chunk] = parallel.encode_in_processes(encoder, source, ranges, workers)
+    else:
+        if isinstance(encoder, EncoderSpec):
+            encoder = encoder.build()
+        chunks = (encode_rows(encoder, source, a, b) for a, b in ranges)
+    return merge_chunks(source, encoder, chunks, log, skip_invalid, max_errors, store_dir, store_meta)
+
+
+def merge_chunks(
+    source: RowSource,
+    encoder: SFTEncoder | EncoderSpec,
+    chunks: Iterable[Chunk],
+    log: ProgressLog | None,
+    skip_invalid: bool = False,
+    max_errors: int = 20,
+    store_dir: str | None = None,
+    store_meta: dict | None = None,
+) -> PreparedData:
+    """Fold ``chunks`` (rows in order, whatever computed them) into a complete store; the report,
+    the content hash and every array depend on the rows only, never on how they were chunked.
+    ``log``: progress of the encoding that produces ``chunks`` (None: none)."""
+    log = log or ProgressLog("", total=0, enabled=False)
     owned_tmp = store_dir is None
     if owned_tmp:
         import tempfile
@@ -193,17 +229,7 @@ def prepare(
         store_dir = tempfile.mkdtemp(prefix="slime-sft-data-")
     writer = StoreWriter(store_dir)
     merger = _Merger(source, encoder, writer, skip_invalid, max_errors)
-    ranges = chunk_ranges(len(source), chunk_rows)
-    workers = parallel.plan_workers(num_workers, len(source), min_rows_per_worker)
-    log = ProgressLog(f"preparing {source.path}", total=len(source), workers=workers, enabled=progress)
-    chunks: Iterable[Chunk] = ()
     try:
-        if workers > 1:
-            chunks = parallel.encode_in_processes(encoder, source, ranges, workers)
-        else:
-            if isinstance(encoder, EncoderSpec):
-                encoder = encoder.build()
-            chunks = (encode_rows(encoder, source, a, b) for a, b in ranges)
         for chunk in chunks:
             merger.add(chunk)
             log.update(chunk.stop - chunk.start, int(chunk.lengths.sum()))

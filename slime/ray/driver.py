@@ -180,9 +180,13 @@ class Trainer:
             logger.info("exported the final model to %s", self.args.save_hf)
 
     def close(self) -> None:
+        import ray
+
         if self._bar is not None:
             self._bar.close()
         self.metrics.close()
+        with contextlib.suppress(Exception):  # stops a data preparation still running (streamed start)
+            ray.get(self.manager.close.remote(), timeout=90)
         if self.group is not None:
             with contextlib.suppress(Exception):
                 self.group.shutdown()

@@ -76,16 +76,18 @@ class RolloutManager:
 
         cfg = SFTDataConfig.from_args(args)
         # Preparation logs rows/s, ETA and the summary as log lines: Ray forwards them to the driver.
+        # On a cache miss the training data streams (training starts once its first samples are
+        # tokenized); eval sets are small and each eval needs all of them: prepared first.
         self.source = build_data_source(cfg, progress=True)
         pairs = args.eval_prompt_data or []
         self.eval_sources = {
-            name: build_data_source(replace(cfg, prompt_data=path, shuffle=False), progress=True)
+            name: build_data_source(replace(cfg, prompt_data=path, shuffle=False, streaming=False), progress=True)
             for name, path in zip(pairs[::2], pairs[1::2])
         }
 
     def report(self) -> list[str]:
         if self.sft:
-            return self.source.data.report.summary_lines()
+            return self.source.data.summary_lines()
         report = getattr(self.source, "report", None) or {}
         return [f"prompt data: {', '.join(f'{k}={v}' for k, v in report.items())}" if report else f"prompt data: {len(self.source)} prompts"]
 
@@ -97,8 +99,18 @@ class RolloutManager:
         self.source.load_state_dict(state)
 
     def state_before(self, rollout_id: int) -> dict:
-        """The data position at the start of ``rollout_id`` (generated or not)."""
+        """The data state at the start of ``rollout_id`` (generated or not). SFT records only the
+        position per rollout: its state's fingerprint covers every sample, which a streamed
+        start has only once preparation finished (asking waits for it)."""
+        if self.sft:
+            return self.source.state_dict(self.states.get(rollout_id))
         return self.states.get(rollout_id) or self.source.state_dict()
+
+    def close(self) -> None:
+        """Stop a data preparation still running in the background (a streamed start)."""
+        if self.sft:
+            for source in (self.source, *self.eval_sources.values()):
+                source.close()
 
     def _split(self, samples: list, steps: int) -> list:
         from slime.utils.data_split import split_balanced
@@ -114,7 +126,7 @@ class RolloutManager:
     def generate(self, rollout_id: int) -> dict:
         from slime.utils.arguments import global_batch_size
 
-        self.states[rollout_id] = self.source.state_dict()
+        self.states[rollout_id] = self.source.position() if self.sft else self.source.state_dict()
         for old in [k for k in self.states if k < rollout_id - 2]:
             del self.states[old]
         if self.sft:

@@ -95,6 +95,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     g.add_argument("--no-data-cache", action="store_true", help="tokenize on every start and store nothing")
     g.add_argument("--overwrite-data-cache", action="store_true", help="rebuild the cache entry even if one exists")
+    g.add_argument(
+        "--no-data-streaming",
+        action="store_true",
+        help="on a cache miss, tokenize every row before the first step (default: training starts once its first "
+        "samples are tokenized, the rest follows in the background in training order; see docs/sft_data.md)",
+    )
     g.add_argument("--rollout-shuffle", action="store_true", help="shuffle the samples, reshuffled every epoch")
     g.add_argument("--rollout-seed", type=int, default=42, help="seed of the data order")
     g.add_argument("--num-epoch", type=_positive_int, default=None, help="epochs over the data (sets --num-rollout)")

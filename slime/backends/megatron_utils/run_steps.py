@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     global_batch = global_batch_size(args)
     cfg = actor_config_from_args(args, total_steps=args.num_steps)
-    source = build_data_source(SFTDataConfig.from_args(args), progress=False)
+    # Whole-first: tokenizing in the background would share the cores with the steps being timed.
+    source = build_data_source(replace(SFTDataConfig.from_args(args), streaming=False), progress=False)
     actor = MegatronActor(cfg.model, cfg.build, cfg.batching, cfg.optim, cfg.train, cfg.algorithm, cfg.cross_entropy, cfg.throughput)
     initial = args.load or args.ref_load
     if initial:
