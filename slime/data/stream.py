@@ -119,6 +119,10 @@ class StreamingData:
         self._checked = threading.Event()  # set once every row passed the schema pass (`start_streaming`)
         self._encoder = None
         self.workers = parallel.plan_workers(num_workers, rows, min_rows_per_worker)
+        # The tokenizer is loaded here, not in the background thread: transformers' lazy
+        # imports are not thread-safe (a first import racing the main thread's fails with
+        # "cannot import name 'AutoTokenizer'").
+        self._serial_encoder = self.spec.build() if self.workers <= 1 else None
         self._log = ProgressLog(f"preparing {source.path} (streamed, in training order)", total=rows,
                                 workers=self.workers, enabled=progress)
         self._thread = threading.Thread(target=self._run, name="slime-data-stream", daemon=True)
@@ -231,7 +235,7 @@ class StreamingData:
         ranges = ramp_ranges(len(self._prep_rows), self.chunk_rows)
         if self.workers > 1:
             return parallel.encode_in_processes(self.spec, self.source, ranges, self.workers, order=self._prep_rows)
-        encoder = self.spec.build()
+        encoder = self._serial_encoder
         reader = pickle.loads(pickle.dumps(self.source))  # its own file handle: training reads rows meanwhile
         return (encode_rows(encoder, reader, a, b, self._prep_rows) for a, b in ranges)
 
