@@ -69,3 +69,39 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (torchrun's rendezvous, Ray's ports)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, worker: str, *args) -> list[str]:
+    """``python -m torch.distributed.run`` of ``tests/<worker>`` on ``nproc`` local gloo ranks."""
+    import sys
+
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
+        str(ROOT / "tests" / worker), *map(str, args),
+    ]  # fmt: skip
+
+
+def dist_env() -> dict:
+    """The environment of a torchrun test: one OpenMP thread per rank, this checkout first."""
+    import os
+
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def run_torchrun(nproc: int, worker: str, *args, timeout: float):
+    """`torchrun_cmd`, waited for (killed after ``timeout`` s); asserts it exited 0."""
+    import subprocess
+
+    proc = subprocess.run(torchrun_cmd(nproc, worker, *args), cwd=ROOT, env=dist_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

@@ -5,13 +5,12 @@ normalizations; samples do not attend across each other; the zigzag split is exa
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, dist_env, torchrun_cmd
 from megatron_helpers import attach_rl_fields, hf_response_log_probs, synthetic_samples
 
 VOCAB = 849  # tiny-qwen3's tokenizer
@@ -111,12 +110,8 @@ def runs(tmp_path_factory):
         "workdir": str(tmp),
     }
     torch.save(spec, tmp / "in.pt")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
-        str(ROOT / "tests" / "cp_dist_worker.py"), str(TINY), str(tmp / "in.pt"), str(tmp / "out.pt"),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = torchrun_cmd(2, "cp_dist_worker.py", TINY, tmp / "in.pt", tmp / "out.pt")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:  # the single-rank reference runs while the two CP ranks start up
         ref = run_checks(str(TINY), spec, cp=1)
     finally:
@@ -177,14 +172,6 @@ def test_cp2_packing_isolates_samples(runs):
     cp, ref, _, _ = runs
     for got, alone in zip(cp["sft_token"]["pack_logits"], ref["sft_token"]["single_logits"]):
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cp2_save_export_weight_sync_and_resume(runs):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 SCRIPTS = ["run-tiny-sft.sh", "run-qwen3-4B-base-sft.sh", "run-qwen3-30B-A3B-sft.sh", "run-glm4-9B-sft.sh"]
 
@@ -152,20 +152,12 @@ def test_ci_runs_the_test_command_in_a_clean_environment():
     assert "RAY_* |" in text and "mktemp -d" in text
 
 
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tiny_script_end_to_end_on_a_bare_home(tmp_path, short_tmp):
     """What a new user runs: empty HOME, no Ray token, no Ray running. ray start --head +
     ray job submit + train_async + save + HF export + the summary, then no Ray left."""
     env = _bare_env(
         tmp_path, short_tmp, OUT=str(tmp_path / "run"), NUM_EPOCH="1", OMP_NUM_THREADS="1",
-        RAY_DASHBOARD_PORT=str(_port()), RAY_GCS_PORT=str(_port()),
+        RAY_DASHBOARD_PORT=str(free_port()), RAY_GCS_PORT=str(free_port()),
     )
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "run-tiny-sft.sh")], env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, TINY_DATA
+from conftest import ROOT, TINY, TINY_DATA, run_torchrun
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -170,21 +167,9 @@ def test_bf16_weights_match_plain_autograd(monkeypatch):
     torch.testing.assert_close(h.grad.float(), h2.grad.float(), rtol=2**-7, atol=1e-2)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_matches_plain_path(tmp_path):
     """Two ranks, each with half of a padded vocabulary (rank 1 holds the padding)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
-        str(ROOT / "tests" / "lean_ce_worker.py"), str(tmp_path / "out.pt"),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DIST_TIMEOUT_S, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(2, "lean_ce_worker.py", tmp_path / "out.pt", timeout=DIST_TIMEOUT_S)
     ranks = torch.load(tmp_path / "out.pt", weights_only=True)
     for r in ranks:
         _check_paths(r)

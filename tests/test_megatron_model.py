@@ -14,7 +14,7 @@ from megatron_helpers import FAMILIES, assert_packed_matches_hf, make_hf_checkpo
 @pytest.fixture(scope="module")
 def parallel():
     from slime.backends.megatron_utils.cpu_compat import disable_cpu_mode
-    from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
     yield init_parallel(seed=1234)
     destroy_parallel()

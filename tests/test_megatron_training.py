@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TINY_DATA
+from conftest import ROOT, TINY, TINY_DATA, free_port
 
 N_SAMPLES = 8
 MP_TIMEOUT_S = 240
@@ -195,7 +195,7 @@ def run_steps(tmp_path, name, *flags, nproc=1):
     dump = tmp_path / f"{name}.pt"
     cmd = [sys.executable, "-m"]
     if nproc > 1:
-        cmd += ["torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port()), "-m"]
+        cmd += ["torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()), "-m"]
     cmd += [
         "slime.backends.megatron_utils.run_steps",
         "--hf-checkpoint", str(TINY), "--prompt-data", str(TINY_DATA),
@@ -207,14 +207,6 @@ def run_steps(tmp_path, name, *flags, nproc=1):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return torch.load(dump, weights_only=True), metrics
-
-
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "per_sample"])

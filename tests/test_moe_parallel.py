@@ -18,14 +18,11 @@ parallelism the TP ranks' partial aux losses sum to the micro-batch's (aux loss 
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import run_torchrun
 from test_megatron_model import parallel  # noqa: F401  (the world-1 process group, a module fixture)
 from test_moe import build, checkpoints, hf_state, resolve  # noqa: F401  (fixtures)
 
@@ -98,22 +95,8 @@ def dist_run(checkpoints, dist_ckpt, tmp_path_factory):  # noqa: F811
     by_name["ep2_allgather"]["dist_ckpt"] = str(dist_ckpt)  # a TP=1 checkpoint loaded at EP=2
     by_name["tp2_sp_allgather"]["dist_ckpt"] = str(dist_ckpt)  # ... and at TP=2
     torch.save({"runs": runs, "tokens": tokens}, tmp / "in.pt")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
-        str(ROOT / "tests" / "moe_dist_worker.py"), str(tmp / "in.pt"), str(tmp / "out.pt"),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DIST_TIMEOUT_S, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(2, "moe_dist_worker.py", tmp / "in.pt", tmp / "out.pt", timeout=DIST_TIMEOUT_S)
     return torch.load(tmp / "out.pt", weights_only=True), tokens, samples, tmp
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

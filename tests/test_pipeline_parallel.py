@@ -13,13 +13,10 @@ micro-batches, so the count is rounded up to a multiple of PP on some ranks.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import run_torchrun
 from megatron_helpers import (
     attach_rl_fields,
     hf_policy_reference,
@@ -66,14 +63,6 @@ def hf_state(hf_dir):
     from slime.backends.megatron_utils.hf_weights import load_hf_state_dict
 
     return load_hf_state_dict(str(hf_dir))
-
-
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(
@@ -127,13 +116,7 @@ def pp_world(tmp_path_factory):
              virtual_pipeline_model_parallel_size=2, sequence_parallel=True), loss_type="policy_loss", norms=(True,), steps=1, ref_log_probs=True),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(_port()),
-        str(ROOT / "tests" / "pp_dist_worker.py"), str(tmp / "in.pt"), str(tmp / "out.pt"),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(4, "pp_dist_worker.py", tmp / "in.pt", tmp / "out.pt", timeout=TIMEOUT_S)
     return torch.load(tmp / "out.pt", weights_only=True), {"tied": tied, "untied": untied}, samples, tokens
 
 

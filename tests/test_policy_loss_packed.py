@@ -5,14 +5,11 @@ actor's log-probs and entropies are transformers'; a step moves log-probs along 
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import TINY, run_torchrun
 from megatron_helpers import attach_rl_fields, build_actor, hf_policy_reference, hf_response_log_probs, synthetic_samples
 
 N_SAMPLES = 8
@@ -177,13 +174,7 @@ def dist_run(tmp_path_factory, samples):
         "bucket_bytes": BUCKET_BYTES,
     }
     torch.save(spec, tmp_path / "in.pt")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
-        str(ROOT / "tests" / "rl_dist_worker.py"), str(TINY), str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DIST_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(2, "rl_dist_worker.py", TINY, tmp_path / "in.pt", tmp_path / "out.pt", timeout=DIST_TIMEOUT_S)
     return torch.load(tmp_path / "out.pt", weights_only=True), with_rewards, cfg, adv_cfg
 
 
@@ -214,12 +205,6 @@ def test_tp2_and_dp2_match_the_formula(dist_run, samples):
     assert stats["advantages_mean"] == pytest.approx(0, abs=1e-6) and stats["advantages_std"] == pytest.approx(1, abs=1e-3)
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tp2_weight_sync_buckets_give_the_actors_log_probs(dist_run):

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.hf_weights import hf_to_mcore, load_hf_state_dict
     from slime.backends.megatron_utils.model_config import resolve_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
-    from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
     model_args = resolve_model_args(args)
     build = ModelBuildArgs(

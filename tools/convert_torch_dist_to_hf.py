@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.hf_weights import mcore_to_hf, save_hf_checkpoint
     from slime.backends.megatron_utils.model_config import resolve_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
-    from slime.backends.megatron_utils.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
     model_args = resolve_model_args(args)
     init_parallel()
