@@ -105,3 +105,14 @@ def run_torchrun(nproc: int, worker: str, *args, timeout: float):
                           timeout=timeout, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def dry_run_flags(script: str, out: Path, **env) -> list[str]:
+    """The training flags ``scripts/<script>`` prints with DRY_RUN=1 (OUT=out, plus ``env``)."""
+    import os
+    import subprocess
+
+    full_env = dict(os.environ, DRY_RUN="1", OUT=str(out), **env)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=full_env, capture_output=True, text=True,
+                          check=True, timeout=60)  # fmt: skip
+    return proc.stdout.splitlines()

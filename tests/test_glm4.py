@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import dry_run_flags
 from megatron_helpers import build_actor, hf_response_log_probs, make_hf_checkpoint, synthetic_samples
 from test_megatron_model import parallel  # noqa: F401  (the world-1 process group, a module fixture)
 from test_model_scripts import HF_CONFIGS, script_args
@@ -127,15 +125,7 @@ def test_slime_glm4_script_flags_parse_and_match_the_hf_config(tmp_path):
     ours = resolve("--hf-checkpoint", hf, *script_args("glm4-9B"))
     assert cfg.model == ours and ours.spec == GLM4_SPEC and ours.max_position_embeddings == 32768
     assert (cfg.optim.adam_beta2, cfg.optim.optimizer_cpu_offload) == (0.98, False)
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"), HF_DIR=str(hf))
-    flags = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "run-glm4-9B-sft.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.splitlines()
+    flags = dry_run_flags("run-glm4-9B-sft.sh", tmp_path / "out", HF_DIR=str(hf))
     args = get_parser().parse_args(flags)
     cfg = actor_config_from_args(args, total_steps=10)
     assert cfg.model == ours and cfg.build.tensor_model_parallel_size == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, dry_run_flags, free_port
 
 SCRIPTS = ["run-tiny-sft.sh", "run-qwen3-4B-base-sft.sh", "run-qwen3-30B-A3B-sft.sh", "run-glm4-9B-sft.sh"]
 
@@ -21,8 +21,7 @@ def test_script_flags_parse(tmp_path, name):
     for group in ("MODEL_ARGS", "CKPT_ARGS", "SFT_ARGS", "PERF_ARGS", "OPTIMIZER_ARGS", "WANDB_ARGS", "MISC_ARGS", "submit_job"):
         assert group in text, group
     assert "pkill" not in text and "0.0.0.0" not in text
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"))
-    flags = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    flags = dry_run_flags(name, tmp_path / "out")
     from slime.utils.arguments import get_parser
 
     args = get_parser().parse_args(flags)  # unknown flags exit with an error
@@ -44,8 +43,7 @@ def test_rl_script_flags_parse_and_pass_every_config_check(tmp_path, name):
                   "SGLANG_ARGS", "MISC_ARGS", "submit_job"):
         assert group in text, group
     assert "pkill" not in text and "0.0.0.0" not in text
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"))
-    flags = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    flags = dry_run_flags(name, tmp_path / "out")
     from slime.backends.megatron_utils.arguments import actor_config_from_args
     from slime.utils.arguments import parse_args, validate_trainer_args
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, dry_run_flags
 from megatron_helpers import make_hf_checkpoint
 from test_megatron_model import parallel  # noqa: F401  (the world-1 process group, a module fixture)
 from test_model_scripts import HF_CONFIGS, script_args
@@ -165,15 +163,7 @@ def test_slime_qwen3_30b_a3b_flags_parse_and_match_the_hf_config(tmp_path):
     )
     assert ours.moe_layer_freq == (1,) * 48 and not ours.moe_router_pre_softmax
     # Our SFT launcher's whole command line (with slime's MODEL_ARGS) configures the actor.
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"))
-    flags = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "run-qwen3-30B-A3B-sft.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.splitlines()
+    flags = dry_run_flags("run-qwen3-30B-A3B-sft.sh", tmp_path / "out")
     cfg = actor_config_from_args(get_parser().parse_args(flags), total_steps=10)
     assert cfg.model.num_experts == 128 and cfg.build.tensor_model_parallel_size == 4 and cfg.build.sequence_parallel
     assert (cfg.build.expert_model_parallel_size, cfg.build.expert_tensor_parallel_size) == (8, 1)  # slime's layout
