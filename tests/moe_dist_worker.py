@@ -4,7 +4,7 @@
 
 IN.pt (``torch.save``; read with weights_only=True): {"runs": [run, ...], "tokens": [...]}; a
 run is {"name", "hf_dir", "dispatcher", "dist_ckpt" (a torch_dist checkpoint to load, or ""),
-"tp", "ep", "etp" (0 = TP), "sp", "aux_coeff", "samples" (per DP rank, [] for none),
+"tp", "ep", "etp" (0 = TP), "sp", "pp", "aux_coeff", "samples" (per DP rank, [] for none),
 "max_tokens", "save" (a directory to save a torch_dist checkpoint in, or ""), "resume" (a
 directory for a training-state save/load round trip, optional)}.
 
@@ -52,6 +52,7 @@ def run(inp: str, out: str) -> None:
             expert_model_parallel_size=r.get("ep", 1),
             expert_tensor_parallel_size=r.get("etp") or None,
             sequence_parallel=r.get("sp", False),
+            pipeline_model_parallel_size=r.get("pp", 1),
         )
         samples = r.get("samples") or []
         batching = BatchingArgs(

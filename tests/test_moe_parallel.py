@@ -32,13 +32,15 @@ AUX = 0.05
 
 # name -> (family, layout, dispatcher, aux coeff, how the 4 samples are split over DP ranks).
 # The aux loss is on for the Qwen2-MoE runs (both tests of its per-micro-batch semantics) and
-# off for the Qwen3-MoE ones, so two single-rank references cover every run.
+# off for the Qwen3-MoE ones but PP=2, so three single-rank references cover every run.
 RUNS = {
     "tp2_sp": ("qwen3_moe", {"tp": 2, "sp": True}, "alltoall", 0.0, "all"),
     "tp2_sp_allgather": ("qwen2_moe", {"tp": 2, "sp": True}, "allgather", AUX, "all"),
     "ep2": ("qwen3_moe", {"ep": 2}, "alltoall", 0.0, "one_three"),
     "ep2_allgather": ("qwen2_moe", {"ep": 2}, "allgather", AUX, "pairs"),
     "tp2_ep2_etp1": ("qwen3_moe", {"tp": 2, "ep": 2, "etp": 1, "sp": True}, "alltoall", 0.0, "all"),
+    # Two pipeline stages, one MoE layer each: the aux loss and router statistics meet over PP.
+    "pp2": ("qwen3_moe", {"pp": 2}, "alltoall", AUX, "all"),
 }
 
 RESUMED = ("ep2", "tp2_ep2_etp1")  # a training-state save/load round trip (optimizer too)
@@ -270,6 +272,26 @@ def test_expert_layouts_refused_at_start_up(checkpoints):  # noqa: F811
     check_expert_layout(dense, ModelBuildArgs(expert_tensor_parallel_size=1))  # slime's dense scripts pass it
     with pytest.raises(ValueError, match="not divisible by --expert-model-parallel-size"):
         check_world(6, ep=4, etp=None, tp=1, pp=1)
+
+
+def test_moe_pipeline_layouts_refused_at_start_up(checkpoints):  # noqa: F811
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+    from slime.backends.megatron_utils.pipeline import check_pipeline_layout
+
+    qwen3 = resolve("--hf-checkpoint", checkpoints["qwen3_moe"], "--moe-token-dispatcher-type", "alltoall")
+    check_pipeline_layout(qwen3, ModelBuildArgs(pipeline_model_parallel_size=2))  # the pp2 run above
+    with pytest.raises(ValueError, match="--moe-token-dispatcher-type allgather with --pipeline-model-parallel-size 2"):
+        check_pipeline_layout(dataclasses.replace(qwen3, moe_token_dispatcher_type="allgather"),
+                              ModelBuildArgs(pipeline_model_parallel_size=2))  # fmt: skip
+    # Qwen2-MoE's first layer is dense: a first stage of one layer would hold no MoE layer.
+    qwen2 = resolve("--hf-checkpoint", checkpoints["qwen2_moe"], "--moe-token-dispatcher-type", "alltoall")
+    assert qwen2.moe_pattern()[0] == 0
+    with pytest.raises(ValueError, match="pipeline stage 0 .layers 0-0. has no MoE layer"):
+        check_pipeline_layout(qwen2, ModelBuildArgs(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1))
+    check_pipeline_layout(qwen2, ModelBuildArgs(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=2))
+    four = dataclasses.replace(qwen3, num_layers=4, moe_layer_freq=1)
+    with pytest.raises(ValueError, match="virtual pipeline stages with a MoE model"):
+        check_pipeline_layout(four, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
 
 
 def test_micro_batch_alignment_helpers():

@@ -134,8 +134,8 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         # DDP then sums gradients over DP ranks and the schedule takes each micro-batch's loss
         # as is: the loss weights already hold the global denominators (see batching).
         calculate_per_token_loss=True,
-        **moe_config_kwargs(model),
-        **pipeline_config_kwargs(build),
+        # The model's MoE settings win over the pipeline's defaults (a dispatcher for dense models).
+        **{**pipeline_config_kwargs(build), **moe_config_kwargs(model)},
     )
 
 

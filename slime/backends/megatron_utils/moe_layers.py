@@ -239,23 +239,36 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
     out: dict[str, float] = {}
     tracker = get_moe_layer_wise_logging_tracker()
     distributed = dist.is_initialized() and ps.model_parallel_is_initialized()
-    if tracker:
-        for name, entry in tracker.items():
-            values = entry["values"]
-            if distributed:
-                _reduce_tracked(values, entry)
-            out[f"moe/{name}"] = float(values.sum()) / len(routers) / max(num_micro_batches, 1)
-        clear_aux_losses_tracker()
+    pp_group = ps.get_pipeline_model_parallel_group() if distributed else None
     counts = torch.stack([r.routed_tokens.to(torch.float64) for r in routers])
     if distributed:
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         if routers[0].config.sequence_parallel:  # each TP rank routed its own slice of the tokens
             dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+    # Per-layer sums, then over pipeline stages (each holds its own MoE layers): [MoE layers,
+    # sum of busiest-expert loads, layers with tokens, unused (layer, expert) pairs, pairs].
     total = counts.sum(dim=1, keepdim=True)
-    if float(total.sum()) > 0:
-        share = counts / total.clamp(min=1.0)
-        out["moe/expert_load_max"] = float((share.max(dim=1).values * counts.shape[1]).mean())
-        out["moe/experts_unused"] = float((counts == 0).double().mean())
+    routed = total[:, 0] > 0
+    share = counts / total.clamp(min=1.0)
+    load_max = (share.max(dim=1).values * counts.shape[1])[routed]
+    stats = torch.tensor(
+        [len(routers), float(load_max.sum()), float(routed.sum()), float((counts[routed] == 0).sum()),
+         float(counts[routed].numel())],
+        dtype=torch.float64,
+    )  # fmt: skip
+    if distributed:
+        dist.all_reduce(stats, group=pp_group)
+    layers, load_sum, layers_routed, unused, pairs = stats.tolist()
+    if tracker:
+        for name, entry in tracker.items():
+            values = entry["values"]
+            if distributed:
+                _reduce_tracked(values, entry)  # summed over stages too: every MoE layer's value
+            out[f"moe/{name}"] = float(values.sum()) / layers / max(num_micro_batches, 1)
+        clear_aux_losses_tracker()
+    if layers_routed > 0:
+        out["moe/expert_load_max"] = load_sum / layers_routed
+        out["moe/experts_unused"] = unused / pairs
     for r in routers:
         r.routed_tokens.zero_()
     return out

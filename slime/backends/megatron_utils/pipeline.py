@@ -36,7 +36,8 @@ stages (unbatched, overlapped sends; see `config_kwargs`). A rank's chunk dicts 
 dict under global layer numbers with `join_chunks` (and back with `split_chunks`), which is
 what the actor's weights and gradients by name use when it has several chunks.
 
-Not yet: MoE models with PP are refused at start-up.
+MoE models with PP: every stage must hold a MoE layer (checked at start-up); MoE with virtual
+stages is refused.
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
             if n is not None:
                 raise ValueError(f"{flag} needs --pipeline-model-parallel-size > 1")
         return  # virtual stages without PP: refused by `parallel.ParallelLayout`
-    if model.is_moe:
-        raise ValueError("--pipeline-model-parallel-size > 1 with a MoE model (--num-experts) is not implemented yet")
+    if model.is_moe and vpp > 1:
+        raise ValueError(
+            "virtual pipeline stages with a MoE model (--num-experts) are not implemented yet; "
+            "use plain --pipeline-model-parallel-size"
+        )
     rest, stages = model.num_layers, pp
     for flag, n in (
         ("--decoder-first-pipeline-num-layers", build.decoder_first_pipeline_num_layers),
@@ -112,6 +116,26 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
             f"virtual stages (--num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage): "
             f"{rest // stages} layers per even stage"
         )
+    if model.is_moe and model.moe_token_dispatcher_type != "alltoall":
+        # Stages exchange micro-batches of varying length; megatron's other dispatchers refuse that.
+        raise ValueError(
+            f"--moe-token-dispatcher-type {model.moe_token_dispatcher_type} with --pipeline-model-parallel-size {pp}: "
+            "use alltoall (megatron supports variable micro-batch lengths between stages with it only)"
+        )
+    if model.is_moe:
+        # Every stage's MoE statistics meet in collectives over the pipeline group (aux-loss
+        # tracker, router counts): a stage without a MoE layer would have none to join with.
+        even = rest // stages if stages else 0
+        first, last = build.decoder_first_pipeline_num_layers, build.decoder_last_pipeline_num_layers
+        sizes = [first or even] + [even] * (pp - 2) + [last or even]
+        pattern, start = model.moe_pattern(), 0
+        for stage, n in enumerate(sizes):
+            if not any(pattern[start : start + n]):
+                raise ValueError(
+                    f"pipeline stage {stage} (layers {start}-{start + n - 1}) has no MoE layer "
+                    "(--moe-layer-freq): move the stage boundary (--decoder-first/last-pipeline-num-layers)"
+                )
+            start += n
 
 
 def virtual_size(build: ModelBuildArgs) -> int:
@@ -146,7 +170,7 @@ def config_kwargs(build: ModelBuildArgs) -> dict:
         # shape before each activation (one small message more per transfer).
         "variable_seq_lengths": True,
         # megatron refuses variable lengths with its default (allgather) MoE dispatcher even for
-        # a dense model; MoE with PP is refused above, so this only names a dispatcher never built.
+        # a dense model; a MoE model's own setting (alltoall, checked above) replaces this.
         "moe_token_dispatcher_type": "alltoall",
     }
 
