@@ -167,6 +167,7 @@ class Residency:
     def _timed(self, what: str, fn, *fn_args) -> None:
         start = time.perf_counter()
         fn(*fn_args)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
         self.history.append(what)
-        logger.info("colocate: %s (%.2f s)", what, time.perf_counter() - start)
+        logger.info("colocate: %s (%.2f s)", what, seconds)

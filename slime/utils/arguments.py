@@ -236,8 +236,9 @@ def validate_trainer_args(args: argparse.Namespace, overlap: bool = False) -> No
             raise ValueError("--n-samples-per-prompt must be 1 for SFT (each sample is trained once per epoch)")
         if args.colocate or args.rollout_num_gpus:
             raise ValueError("--colocate/--rollout-num-gpus configure inference engines, which SFT does not start")
-        if explicit_offload_flags(args):
-            raise ValueError(f"{'/'.join(explicit_offload_flags(args))}: SFT starts no inference engine to share the devices with")
+        offload_flags = explicit_offload_flags(args)
+        if offload_flags:
+            raise ValueError(f"{'/'.join(offload_flags)}: SFT starts no inference engine to share the devices with")
         sampling = (("--rollout-temperature", args.rollout_temperature, 1.0), ("--rollout-top-p", args.rollout_top_p, 1.0), ("--rollout-top-k", args.rollout_top_k, -1))
         for flag, value, default in sampling:
             if value != default:

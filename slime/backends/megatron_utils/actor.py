@@ -253,7 +253,7 @@ class MegatronActor:
 
     def megatron_state(self) -> dict[str, torch.Tensor]:
         """This rank's weights by name (CPU copies; see the module docstring for the names)."""
-        self._offload.check_resident("reading the weights", weights_only=True)
+        self.check_weights_resident("reading the weights")
         return {k: v.detach().cpu() for k, v in self.named_weights().items()}
 
     def named_weights(self) -> dict[str, torch.Tensor]:

@@ -218,9 +218,13 @@ def reset_moe_stats(model) -> None:
     """Forget what forwards before this step logged: megatron's aux-loss tracker (process-global:
     forward-only passes, old / reference log-probs, and earlier models in the same process
     write to it too) and the routers' token counts."""
-    if _routers(model):
+    _reset(_routers(model))
+
+
+def _reset(routers: list) -> None:
+    if routers:
         clear_aux_losses_tracker()
-    for r in _routers(model):
+    for r in routers:
         r.routed_tokens.zero_()
 
 
@@ -239,7 +243,6 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
     out: dict[str, float] = {}
     tracker = get_moe_layer_wise_logging_tracker()
     distributed = dist.is_initialized() and ps.model_parallel_is_initialized()
-    pp_group = ps.get_pipeline_model_parallel_group() if distributed else None
     counts = torch.stack([r.routed_tokens.to(torch.float64) for r in routers])
     if distributed:
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
@@ -251,13 +254,13 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
     routed = total[:, 0] > 0
     share = counts / total.clamp(min=1.0)
     load_max = (share.max(dim=1).values * counts.shape[1])[routed]
+    seen = counts[routed]
     stats = torch.tensor(
-        [len(routers), float(load_max.sum()), float(routed.sum()), float((counts[routed] == 0).sum()),
-         float(counts[routed].numel())],
+        [len(routers), float(load_max.sum()), float(routed.sum()), float((seen == 0).sum()), float(seen.numel())],
         dtype=torch.float64,
-    )  # fmt: skip
+    )
     if distributed:
-        dist.all_reduce(stats, group=pp_group)
+        dist.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
     layers, load_sum, layers_routed, unused, pairs = stats.tolist()
     if tracker:
         for name, entry in tracker.items():
@@ -265,10 +268,8 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
             if distributed:
                 _reduce_tracked(values, entry)  # summed over stages too: every MoE layer's value
             out[f"moe/{name}"] = float(values.sum()) / layers / max(num_micro_batches, 1)
-        clear_aux_losses_tracker()
     if layers_routed > 0:
         out["moe/expert_load_max"] = load_sum / layers_routed
         out["moe/experts_unused"] = unused / pairs
-    for r in routers:
-        r.routed_tokens.zero_()
+    _reset(routers)
     return out

@@ -21,8 +21,9 @@ offloads the rest (grads, optimizer state, fp32 main params: most of the bytes),
 engines take their weights' memory back and syncs, then offloads the weights too. At no point
 are the full training state and the engines' weights on the device together.
 
-Cost: a host copy of the whole training state (on CUDA kept, pinned, between offloads) (params + grads + 2 Adam moments + main params:
-about 16-18 bytes per parameter under bf16) and one device<->host round trip per rollout.
+Cost: a host copy of the whole training state (params + grads + 2 Adam moments + main params:
+about 16-18 bytes per parameter under bf16; on CUDA kept, pinned, between offloads) and one
+device<->host round trip per rollout.
 """
 
 from __future__ import annotations
