@@ -1,10 +1,10 @@
-"""Tiny MoE checkpoints in two torchrun processes, several layouts in one start-up.
+"""Tiny MoE checkpoints in N torchrun processes, several layouts in one start-up.
 
-    torchrun --nproc-per-node 2 tests/moe_dist_worker.py IN.pt OUT.pt
+    torchrun --nproc-per-node N tests/moe_dist_worker.py IN.pt OUT.pt
 
 IN.pt (``torch.save``; read with weights_only=True): {"runs": [run, ...], "tokens": [...]}; a
 run is {"name", "hf_dir", "dispatcher", "dist_ckpt" (a torch_dist checkpoint to load, or ""),
-"tp", "ep", "etp" (0 = TP), "sp", "pp", "aux_coeff", "samples" (per DP rank, [] for none),
+"tp", "ep", "etp" (0 = TP), "sp", "pp", "vpp" (0 = none), "cp", "aux_coeff", "samples" (per DP rank, [] for none),
 "max_tokens", "save" (a directory to save a torch_dist checkpoint in, or ""), "resume" (a
 directory for a training-state save/load round trip, optional)}.
 
@@ -53,6 +53,8 @@ def run(inp: str, out: str) -> None:
             expert_tensor_parallel_size=r.get("etp") or None,
             sequence_parallel=r.get("sp", False),
             pipeline_model_parallel_size=r.get("pp", 1),
+            virtual_pipeline_model_parallel_size=r.get("vpp") or None,
+            context_parallel_size=r.get("cp", 1),
         )
         samples = r.get("samples") or []
         batching = BatchingArgs(
@@ -78,7 +80,8 @@ def run(inp: str, out: str) -> None:
             loss, grads = actor.gradients(mine)
             entry["loss"], entry["grads"] = loss, actor.gather_hf(grads)
             entry["micro_batches"] = len(actor._micro_batches(mine, actor.batching)[0])  # after EP alignment
-            entry["moe"] = moe_step_metrics(actor.model.module, num_micro_batches=entry["micro_batches"])
+            chunks = torch.nn.ModuleList([c.module for c in actor.chunks])  # every virtual stage's routers
+            entry["moe"] = moe_step_metrics(chunks, num_micro_batches=entry["micro_batches"])
             # Forward-only paths (EP ranks stay in step there too): eval loss and per-token log-probs.
             entry["eval"] = actor.evaluate(mine)
             per_rank = [None] * actor.info.dp_size

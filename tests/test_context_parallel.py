@@ -78,16 +78,14 @@ def test_zigzag_split_and_merge():
 
 
 def test_cp_refuses_unsupported_layouts():
-    """At start-up (validate_trainer_args' flag check, before Ray): SBHD under CP; MoE (known
-    once the HF config is read) when the actor is built."""
+    """At start-up (validate_trainer_args' flag check, before Ray): SBHD under CP (MoE layouts
+    under CP: test_moe_parallel's start-up test)."""
     from test_slime_script_compat import _parse
 
-    from slime.backends.megatron_utils.arguments import check_context_parallel, check_parallel_sizes
+    from slime.backends.megatron_utils.arguments import check_parallel_sizes
 
     with pytest.raises(ValueError, match="--context-parallel-size 2 splits packed sequences: it needs --qkv-format"):
         check_parallel_sizes(_parse(["--context-parallel-size", "2", "--qkv-format", "sbhd"]))
-    with pytest.raises(ValueError, match="MoE"):
-        check_context_parallel(2, "thd", is_moe=True)
     check_parallel_sizes(_parse(["--context-parallel-size", "2"]))  # accepted
 
 

@@ -3,7 +3,10 @@ dispatchers, one rank with fewer samples), EP=2 x TP=2 with expert TP 1, each eq
 and router metrics on packed micro-batches of different lengths; HF logits, bit-exact export,
 weight sync and torch_dist checkpoints across layouts; conversion at EP x ETP x TP.
 
-One torchrun world of two ranks (tests/moe_dist_worker.py) runs every layout.
+Context parallelism (CP=2, alone and with EP=2 over the CP ranks), EP=2 x PP=2 and TP=2 x
+PP=2 with virtual stages equal a single rank too, the aux loss on.
+
+Two torchrun worlds (tests/moe_dist_worker.py), of two and four ranks, run every layout.
 
 Aux-loss semantics. megatron computes the load-balancing loss per micro-batch on each rank
 (over the tokens of that micro-batch; under sequence parallelism the TP ranks' slices are
@@ -33,6 +36,8 @@ AUX = 0.05
 # name -> (family, layout, dispatcher, aux coeff, how the 4 samples are split over DP ranks).
 # The aux loss is on for the Qwen2-MoE runs (both tests of its per-micro-batch semantics) and
 # off for the Qwen3-MoE ones but PP=2, so three single-rank references cover every run.
+# A layout's "world" is its torchrun world's size (2 unless given); "max_tokens" its
+# --max-tokens-per-gpu (MAX_TOKENS unless given: a CP group packs CP x that per micro-batch).
 RUNS = {
     "tp2_sp": ("qwen3_moe", {"tp": 2, "sp": True}, "alltoall", 0.0, "all"),
     "tp2_sp_allgather": ("qwen2_moe", {"tp": 2, "sp": True}, "allgather", AUX, "all"),
@@ -41,7 +46,18 @@ RUNS = {
     "tp2_ep2_etp1": ("qwen3_moe", {"tp": 2, "ep": 2, "etp": 1, "sp": True}, "alltoall", 0.0, "all"),
     # Two pipeline stages, one MoE layer each: the aux loss and router statistics meet over PP.
     "pp2": ("qwen3_moe", {"pp": 2}, "alltoall", AUX, "all"),
+    # Each sample split over two CP ranks (zigzag, padded): the ranks' partial aux losses and
+    # router counts add up to the micro-batch's; the packs are the single rank's (2 x 100 tokens).
+    "cp2": ("qwen3_moe", {"cp": 2, "max_tokens": MAX_TOKENS // 2}, "alltoall", AUX, "all"),
+    # Four ranks. EP=2 x PP=2: each stage's experts split over the two DP ranks.
+    "ep2_pp2": ("qwen3_moe", {"ep": 2, "pp": 2, "world": 4}, "alltoall", AUX, "pairs"),
+    # CP=2 x DP=2 with EP=2 over the CP ranks (megatron folds CP into the expert data ranks).
+    "cp2_ep2": ("qwen3_moe", {"cp": 2, "ep": 2, "max_tokens": MAX_TOKENS // 2, "world": 4}, "alltoall", AUX, "pairs"),
+    # TP=2 x PP=2 x V=2 on four layers, the first dense: rank 0 holds layers 0 and 2, rank 1
+    # layers 1 and 3, so both ranks have a MoE layer only over their two chunks.
+    "tp2_vpp": ("qwen2_moe_4l", {"tp": 2, "sp": True, "pp": 2, "vpp": 2, "world": 4}, "alltoall", AUX, "all"),
 }
+WORLDS = sorted({layout.get("world", 2) for _, layout, *_ in RUNS.values()})
 
 RESUMED = ("ep2", "tp2_ep2_etp1")  # a training-state save/load round trip (optimizer too)
 
@@ -80,29 +96,42 @@ def dist_ckpt(parallel, checkpoints, tmp_path_factory):  # noqa: F811 (a fixture
 
 
 @pytest.fixture(scope="module")
-def dist_run(checkpoints, dist_ckpt, tmp_path_factory):  # noqa: F811
+def models(checkpoints, tmp_path_factory):  # noqa: F811
+    """test_moe's tiny checkpoints and a 4-layer Qwen2-MoE (first layer dense) for virtual stages."""
+    from make_tiny_qwen3_moe import make_tiny_moe
+
+    deep = make_tiny_moe(tmp_path_factory.mktemp("moe4") / "q2", "qwen2_moe", seed=4, num_hidden_layers=4)
+    return {**checkpoints, "qwen2_moe_4l": deep}
+
+
+@pytest.fixture(scope="module")
+def dist_run(models, dist_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moe_par")
-    vocab = resolve("--hf-checkpoint", checkpoints["qwen3_moe"]).vocab_size
+    vocab = resolve("--hf-checkpoint", models["qwen3_moe"]).vocab_size
     tokens = torch.randint(0, vocab, (29,), generator=torch.Generator().manual_seed(3)).tolist()
     samples = _samples(vocab)
-    runs = []
+    runs = {world: [] for world in WORLDS}
     for name, (family, layout, dispatcher, aux, how) in RUNS.items():
-        run = {"name": name, "hf_dir": str(checkpoints[family]), "dispatcher": dispatcher, "aux_coeff": aux}
-        run.update(layout, samples=_split(samples, how), max_tokens=MAX_TOKENS, dist_ckpt="", save="")
-        runs.append(run)
-    by_name = {r["name"]: r for r in runs}
+        run = {"name": name, "hf_dir": str(models[family]), "dispatcher": dispatcher, "aux_coeff": aux}
+        run.update({"max_tokens": MAX_TOKENS, **layout}, samples=_split(samples, how), dist_ckpt="", save="")
+        runs[run.pop("world", 2)].append(run)
+    by_name = {r["name"]: r for world in runs.values() for r in world}
     by_name["ep2"]["save"] = str(tmp / "ep2_ckpt")  # loaded at EP=1 below
     for name in RESUMED:
         by_name[name]["resume"] = str(tmp / f"{name}_state")
     by_name["ep2_allgather"]["dist_ckpt"] = str(dist_ckpt)  # a TP=1 checkpoint loaded at EP=2
     by_name["tp2_sp_allgather"]["dist_ckpt"] = str(dist_ckpt)  # ... and at TP=2
-    torch.save({"runs": runs, "tokens": tokens}, tmp / "in.pt")
-    run_torchrun(2, "moe_dist_worker.py", tmp / "in.pt", tmp / "out.pt", timeout=DIST_TIMEOUT_S)
-    return torch.load(tmp / "out.pt", weights_only=True), tokens, samples, tmp
+    result = {}
+    for world, world_runs in runs.items():
+        inp, out = tmp / f"in{world}.pt", tmp / f"out{world}.pt"
+        torch.save({"runs": world_runs, "tokens": tokens}, inp)
+        run_torchrun(world, "moe_dist_worker.py", inp, out, timeout=DIST_TIMEOUT_S)
+        result.update(torch.load(out, weights_only=True))
+    return result, tokens, samples, tmp
 
 
 @pytest.fixture(scope="module")
-def references(parallel, checkpoints, dist_run):  # noqa: F811
+def references(parallel, models, dist_run):  # noqa: F811
     """Single-rank (loss, HF-named grads, MoE metrics, micro-batch lengths) per (family, aux)."""
     from megatron.core import parallel_state as ps
 
@@ -119,13 +148,13 @@ def references(parallel, checkpoints, dist_run):  # noqa: F811
             use_dynamic_batch_size=True, max_tokens_per_gpu=MAX_TOKENS, calculate_per_token_loss=True
         )
         actor = MegatronActor(
-            _model(checkpoints[family], "alltoall", aux),
+            _model(models[family], "alltoall", aux),
             ModelBuildArgs(),
             batching,
             OptimizerArgs(lr=1e-3),
             TrainArgs(global_batch_size=len(samples), total_steps=1),
         )
-        actor.load_hf(str(checkpoints[family]))
+        actor.load_hf(str(models[family]))
         mbs = actor._micro_batches(samples, batching)[0]
         loss, grads = actor.gradients(samples)
         metrics = moe_step_metrics(actor.model.module, len(mbs))
@@ -179,7 +208,7 @@ def test_layout_matches_a_single_rank(dist_run, references, name):
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_layout_gives_hf_logits_and_exports_bit_exact(checkpoints, dist_run, name):  # noqa: F811
+def test_layout_gives_hf_logits_and_exports_bit_exact(models, dist_run, name):
     """The sharded weights (TP, expert and ETP slices) give HF's logits and come back
     bit-exactly through export, the weight-sync stream and a TP=1 torch_dist checkpoint
     loaded at TP=2 / EP=2."""
@@ -187,8 +216,8 @@ def test_layout_gives_hf_logits_and_exports_bit_exact(checkpoints, dist_run, nam
 
     family = RUNS[name][0]
     result, tokens = dist_run[0], dist_run[1]
-    entry, hf = result[name], hf_state(checkpoints[family])
-    ref = AutoModelForCausalLM.from_pretrained(str(checkpoints[family]), dtype=torch.float32).eval()
+    entry, hf = result[name], hf_state(models[family])
+    ref = AutoModelForCausalLM.from_pretrained(str(models[family]), dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(entry["logits"], ref(torch.tensor([tokens])).logits[0], rtol=1e-5, atol=1e-5)
     exports = [entry["hf"], dict(entry["buckets"])] + ([entry["hf_from_dist"]] if "hf_from_dist" in entry else [])
@@ -262,6 +291,10 @@ def test_expert_layouts_refused_at_start_up(checkpoints):  # noqa: F811
             ModelBuildArgs(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=4),
             "must divide --tensor-model-parallel-size 2",
         ),
+        (
+            ModelBuildArgs(expert_model_parallel_size=2, context_parallel_size=2),
+            "allgather with --expert-model-parallel-size 2 and --context-parallel-size 2",
+        ),
     ]
     for build_args, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -269,6 +302,8 @@ def test_expert_layouts_refused_at_start_up(checkpoints):  # noqa: F811
     dense = types.SimpleNamespace(is_moe=False)  # only is_moe is read for a dense model
     with pytest.raises(ValueError, match="needs a MoE model"):
         check_expert_layout(dense, ModelBuildArgs(expert_model_parallel_size=2))
+    check_expert_layout(dataclasses.replace(m, moe_token_dispatcher_type="alltoall"),
+                        ModelBuildArgs(expert_model_parallel_size=2, context_parallel_size=2))  # the cp2_ep2 run  # fmt: skip
     check_expert_layout(dense, ModelBuildArgs(expert_tensor_parallel_size=1))  # slime's dense scripts pass it
     with pytest.raises(ValueError, match="not divisible by --expert-model-parallel-size"):
         check_world(6, ep=4, etp=None, tp=1, pp=1)
@@ -289,9 +324,36 @@ def test_moe_pipeline_layouts_refused_at_start_up(checkpoints):  # noqa: F811
     with pytest.raises(ValueError, match="pipeline stage 0 .layers 0-0. has no MoE layer"):
         check_pipeline_layout(qwen2, ModelBuildArgs(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1))
     check_pipeline_layout(qwen2, ModelBuildArgs(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=2))
-    four = dataclasses.replace(qwen3, num_layers=4, moe_layer_freq=1)
-    with pytest.raises(ValueError, match="virtual pipeline stages with a MoE model"):
-        check_pipeline_layout(four, ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+    # Virtual stages: a rank's layers are its chunks' (PP=2 x V=2: rank 0 holds layers 0 and 2).
+    vpp = ModelBuildArgs(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    check_pipeline_layout(dataclasses.replace(qwen2, num_layers=4, moe_layer_freq=[0, 1, 1, 1]), vpp)  # the tp2_vpp run
+    with pytest.raises(ValueError, match=r"pipeline stage 0 \(layers 0-0, 2-2\) has no MoE layer"):
+        check_pipeline_layout(dataclasses.replace(qwen2, num_layers=4, moe_layer_freq=[0, 1, 0, 1]), vpp)
+
+
+@pytest.mark.parametrize(
+    "pp,vpp,first,last", [(2, 2, None, None), (2, 3, None, None), (4, 2, None, None), (2, 2, 2, None), (3, 2, 4, 2)]
+)
+def test_rank_layers_follow_megatron_offsets(pp, vpp, first, last):
+    """The start-up check's layers per pipeline rank are where megatron-core puts them."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from slime.backends.megatron_utils.pipeline import _rank_layers
+
+    even_layers = 2 * vpp
+    stages = pp - (first is not None) - (last is not None)
+    num_layers = (first or 0) + (last or 0) + stages * even_layers
+    sizes = [first or even_layers] + [even_layers] * (pp - 2) + [last or even_layers]
+    config = TransformerConfig(
+        num_layers=num_layers, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last, pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    for rank, layers in enumerate(_rank_layers(sizes, vpp)):
+        per_chunk = sizes[rank] // vpp
+        expected = [get_transformer_layer_offset(config, v, rank) + i for v in range(vpp) for i in range(per_chunk)]
+        assert layers == expected, (rank, layers, expected)
 
 
 def test_micro_batch_alignment_helpers():

@@ -99,7 +99,7 @@ class MegatronActor:
         if self.info.cp_size > 1:
             from slime.backends.megatron_utils.arguments import check_context_parallel
 
-            check_context_parallel(self.info.cp_size, batching.qkv_format, model.is_moe)
+            check_context_parallel(self.info.cp_size, batching.qkv_format)
             if build.attention_backend != "sdpa":
                 logger.info("CP: --attention-backend %s runs the masked all-gather attention", build.attention_backend)
         cuda = torch.cuda.is_available()
@@ -287,7 +287,11 @@ class MegatronActor:
                 max_seqlen_kv=mb.max_seqlen,
             )
         # Padding (EP alignment, sequence parallelism) is masked out of MoE routing statistics.
-        extra = {} if mb.padding_mask is None else {"padding_mask": mb.padding_mask}
+        extra = {}
+        if mb.padding_mask is not None:
+            from slime.backends.megatron_utils.moe_layers import stage_padding_mask
+
+            extra["padding_mask"] = stage_padding_mask(model, mb.padding_mask)
         return model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=psp, **extra)
 
     def _loss(self, mb: MicroBatch, output):
@@ -305,7 +309,7 @@ class MegatronActor:
             from slime.backends.megatron_utils.context_parallel import cp_batching, split_micro_batch
 
             remake = partial(make_micro_batches, samples, cp_batching(batching, cp), global_sup, global_samples)
-            mbs = self.alignment.round_count(remake(), remake)
+            mbs = self.alignment.match_counts(remake(), remake)  # before the split: the CP ranks count alike
             mbs = [split_micro_batch(mb, cp, self.info.cp_rank) for mb in mbs]
         else:
             mbs = make_micro_batches(samples, batching, global_sup, global_samples)
@@ -590,9 +594,9 @@ class MegatronActor:
         """Full-vocabulary logits of one sequence (gathered over TP), for parity checks."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        if self.info.cp_size > 1:
-            raise ValueError("MegatronActor.logits runs one unsplit sequence: not under --context-parallel-size > 1")
         self._eval()
+        if self.info.cp_size > 1:  # one packed sequence split over the CP ranks, the logits gathered back
+            return self._cp_logits(tokens)
         m = self.alignment.multiple  # sequence parallelism: pad to a multiple of TP (causal: the end is unseen)
         ids = torch.tensor(tokens + [0] * (-len(tokens) % m), device=self.info.device)[None]
 
@@ -608,3 +612,18 @@ class MegatronActor:
             return pipeline.last_stage_outputs(self._run_schedule, mbs, full_logits)[0]
         out = self.model(ids, torch.arange(ids.shape[1], device=self.info.device)[None], attention_mask=None)
         return full_logits(None, out)
+
+    def _cp_logits(self, tokens: list[int]) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        from slime.backends.megatron_utils.context_parallel import cp_gather
+
+        if self.info.pp_size > 1:
+            raise ValueError("MegatronActor.logits: not built for --context-parallel-size with pipeline stages")
+        sample = {"tokens": list(tokens), "loss_mask": [1], "response_length": 1}
+        (mb,), _ = self._micro_batches([sample], BatchingArgs(micro_batch_size=1))
+        out = self._logits(self.model, mb)
+        out = gather_from_tensor_model_parallel_region(out.logits() if isinstance(out, OutputHead) else out)
+        out = cp_gather(out[0, :, : self.model_args.vocab_size].T.contiguous(), mb.cp, ps.get_context_parallel_group())
+        return out.T.float().cpu()

@@ -195,7 +195,7 @@ def model_parallel_ranks(args: argparse.Namespace) -> int:
     return args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
 
 
-def check_context_parallel(cp_size: int, qkv_format: str, is_moe: bool = False) -> None:
+def check_context_parallel(cp_size: int, qkv_format: str) -> None:
     """Refuse what ``--context-parallel-size`` > 1 does not cover yet (`context_parallel`)."""
     if cp_size < 1:
         raise ValueError(f"--context-parallel-size must be >= 1, got {cp_size}")
@@ -204,8 +204,6 @@ def check_context_parallel(cp_size: int, qkv_format: str, is_moe: bool = False) 
     flag = f"--context-parallel-size {cp_size}"
     if qkv_format != "thd":
         raise ValueError(f"{flag} splits packed sequences: it needs --qkv-format thd, got {qkv_format}")
-    if is_moe:
-        raise ValueError(f"{flag} with a MoE model (--num-experts) is not tested yet; use CP 1 for MoE")
 
 
 def virtual_pipeline_size(args: argparse.Namespace, num_layers: int) -> int | None:

@@ -110,8 +110,11 @@ class MicroBatch:
 
     @property
     def padding_mask(self) -> torch.Tensor | None:
-        """True on padding positions (megatron's MoE routing mask), None when there are none."""
-        if self.segment_ids is None or self.real_tokens == self.tokens.numel():
+        """True on padding positions (megatron's MoE routing mask), None when there are none.
+        A CP shard always has one: megatron's router counts the micro-batch's tokens over the
+        CP group from the mask when given, from the shard sizes otherwise, so one CP rank with
+        padding and one without would disagree on that count (and on the aux loss)."""
+        if self.segment_ids is None or (self.cp is None and self.real_tokens == self.tokens.numel()):
             return None
         return self.segment_ids < 0
 

@@ -120,6 +120,14 @@ def check_expert_layout(model: ModelArgs, build: ModelBuildArgs, world_size: int
         )
     if model.num_experts % ep:
         raise ValueError(f"--num-experts {model.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    cp = build.context_parallel_size
+    if cp > 1 and ep > 1 and model.moe_token_dispatcher_type == "allgather":
+        # The all-gather dispatcher needs equal token counts across the EP group; a CP shard's
+        # length is fixed by its split, so `MicroBatchAlignment`'s padding cannot give them.
+        raise ValueError(
+            f"--moe-token-dispatcher-type allgather with --expert-model-parallel-size {ep} and "
+            f"--context-parallel-size {cp}: use --moe-token-dispatcher-type alltoall"
+        )
     ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
     if ffn % etp:
         raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by --expert-tensor-parallel-size {etp}")
@@ -234,6 +242,20 @@ class MicroBatchAlignment:
             mbs = remake(-(-len(mbs) // k) * k)
         return mbs
 
+    def match_counts(self, mbs: list, remake) -> list:
+        """``mbs`` with ``same_count`` and ``count_multiple`` met (see `align`); a collective
+        of the DP group when ``same_count``: every rank calls it."""
+        if self.same_count:
+            import torch
+            import torch.distributed as dist
+            from megatron.core import parallel_state as ps
+
+            count = torch.tensor([len(mbs)], dtype=torch.int64)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+            if int(count) > len(mbs):
+                mbs = remake(int(count))
+        return self.round_count(mbs, remake)
+
     def align(self, mbs: list, remake) -> list:
         """``mbs`` aligned; ``remake(n)`` rebuilds this rank's micro-batches as at least ``n``
         (`batching.make_micro_batches`' ``num_micro_batches``). Collectives of the DP group
@@ -246,12 +268,7 @@ class MicroBatchAlignment:
 
         from slime.backends.megatron_utils.batching import pad_micro_batch
 
-        if self.same_count:
-            count = torch.tensor([len(mbs)], dtype=torch.int64)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-            if int(count) > len(mbs):
-                mbs = remake(int(count))
-        mbs = self.round_count(mbs, remake)
+        mbs = self.match_counts(mbs, remake)
         if not (self.same_lengths or self.multiple > 1):
             return mbs
         lengths = torch.tensor([mb.tokens.shape[-1] for mb in mbs], dtype=torch.int64)

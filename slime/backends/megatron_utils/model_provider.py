@@ -158,7 +158,7 @@ def layer_spec(model: ModelArgs, attention_backend: str, config=None, vp_stage: 
 
         if config is None:
             raise ValueError("a MoE layer spec needs the TransformerConfig")
-        return moe_block_spec(config, model, core_attention)
+        return moe_block_spec(config, model, core_attention, vp_stage)
     if sandwich:
         from slime.backends.megatron_utils.glm4 import glm4_layer_spec
 

@@ -57,6 +57,7 @@ __all__ = [
     "moe_config_kwargs",
     "moe_step_metrics",
     "set_aux_loss_weight",
+    "stage_padding_mask",
 ]
 
 
@@ -170,14 +171,17 @@ def set_aux_loss_weight(weight: float) -> None:
     SlimeTopKRouter.aux_loss_weight = float(weight)
 
 
-def moe_block_spec(config, m: ModelArgs, core_attention_spec):
+def moe_block_spec(config, m: ModelArgs, core_attention_spec, vp_stage: int | None = None):
     """megatron's local decoder block spec for ``config`` (dense/MoE per layer, this pipeline
-    stage's layers), with ``core_attention_spec`` and `SlimeTopKRouter` in every layer."""
+    stage's layers: model chunk ``vp_stage``'s with virtual stages), with
+    ``core_attention_spec`` and `SlimeTopKRouter` in every layer."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     define_missing_te_gemm()
     block = copy.deepcopy(
-        get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization)
+        get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization=m.normalization, vp_stage=vp_stage
+        )
     )
     for spec in block.layer_specs:
         spec.submodules.self_attention.submodules.core_attention = core_attention_spec
@@ -189,6 +193,19 @@ def moe_block_spec(config, m: ModelArgs, core_attention_spec):
 
         use_sequence_parallel_norms(block)
     return block
+
+
+def stage_padding_mask(chunk, mask: torch.Tensor) -> torch.Tensor:
+    """The MoE padding mask ``[1, T]`` to give model ``chunk``'s forward. megatron-core 0.16.1
+    cuts it into the sequence-parallel slices in the embedding step only, so a chunk without
+    the embedding (a later pipeline stage) would route [T / TP] tokens against a [T] mask:
+    such a chunk gets this TP rank's slice here (scatter_to_sequence_parallel_region's split)."""
+    module = getattr(chunk, "module", chunk)  # under megatron's DDP wrapper
+    if module.pre_process or not module.config.sequence_parallel:
+        return mask
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    n = mask.shape[1] // tp
+    return mask[:, rank * n : (rank + 1) * n]
 
 
 def _routers(model) -> list:
@@ -234,9 +251,9 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
     by its coefficient) and router statistics of the routed tokens summed over the step and
     the DP group: ``moe/expert_load_max`` (busiest expert's share / uniform share, mean over
     layers; 1 = balanced) and ``moe/experts_unused`` (fraction of (layer, expert) pairs that
-    got no token; under sequence parallelism summed over the TP ranks' token slices; padding
-    excluded). Every rank must call it (collectives of its DP, TP and PP groups); {} for a
-    dense model."""
+    got no token; summed over the CP ranks' shares and, under sequence parallelism, the TP
+    ranks' token slices; padding excluded). Every rank must call it (collectives of its DP,
+    CP, TP and PP groups); {} for a dense model."""
     routers = _routers(model)
     if not routers:
         return {}
@@ -245,7 +262,8 @@ def moe_step_metrics(model, num_micro_batches: int) -> dict[str, float]:
     distributed = dist.is_initialized() and ps.model_parallel_is_initialized()
     counts = torch.stack([r.routed_tokens.to(torch.float64) for r in routers])
     if distributed:
-        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        # Each CP rank routes its own share of the samples' tokens, each DP rank its samples.
+        dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
         if routers[0].config.sequence_parallel:  # each TP rank routed its own slice of the tokens
             dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
     # Per-layer sums, then over pipeline stages (each holds its own MoE layers): [MoE layers,

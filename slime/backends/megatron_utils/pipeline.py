@@ -36,8 +36,8 @@ stages (unbatched, overlapped sends; see `config_kwargs`). A rank's chunk dicts 
 dict under global layer numbers with `join_chunks` (and back with `split_chunks`), which is
 what the actor's weights and gradients by name use when it has several chunks.
 
-MoE models with PP: every stage must hold a MoE layer (checked at start-up); MoE with virtual
-stages is refused.
+MoE models with PP: every pipeline rank must hold a MoE layer, over all its chunks with virtual
+stages (checked at start-up).
 """
 
 from __future__ import annotations
@@ -86,11 +86,6 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
             if n is not None:
                 raise ValueError(f"{flag} needs --pipeline-model-parallel-size > 1")
         return  # virtual stages without PP: refused by `parallel.ParallelLayout`
-    if model.is_moe and vpp > 1:
-        raise ValueError(
-            "virtual pipeline stages with a MoE model (--num-experts) are not implemented yet; "
-            "use plain --pipeline-model-parallel-size"
-        )
     rest, stages = model.num_layers, pp
     for flag, n in (
         ("--decoder-first-pipeline-num-layers", build.decoder_first_pipeline_num_layers),
@@ -128,14 +123,35 @@ def check_pipeline_layout(model: ModelArgs, build: ModelBuildArgs) -> None:
         even = rest // stages if stages else 0
         first, last = build.decoder_first_pipeline_num_layers, build.decoder_last_pipeline_num_layers
         sizes = [first or even] + [even] * (pp - 2) + [last or even]
-        pattern, start = model.moe_pattern(), 0
-        for stage, n in enumerate(sizes):
-            if not any(pattern[start : start + n]):
+        pattern = model.moe_pattern()
+        for stage, layers in enumerate(_rank_layers(sizes, vpp)):
+            if not any(pattern[i] for i in layers):
                 raise ValueError(
-                    f"pipeline stage {stage} (layers {start}-{start + n - 1}) has no MoE layer "
+                    f"pipeline stage {stage} (layers {_spans(layers)}) has no MoE layer "
                     "(--moe-layer-freq): move the stage boundary (--decoder-first/last-pipeline-num-layers)"
                 )
-            start += n
+
+
+def _rank_layers(sizes: list[int], vpp: int) -> list[list[int]]:
+    """The global layers each pipeline rank holds, over its ``vpp`` chunks: rank r's layers
+    (``sizes[r]``) split into equal chunks, numbered chunk-major as megatron places them
+    (chunk 0 of every rank, then chunk 1, ...)."""
+    out, start = [[] for _ in sizes], 0
+    for _ in range(vpp):
+        for rank, n in enumerate(sizes):
+            out[rank] += range(start, start + n // vpp)
+            start += n // vpp
+    return out
+
+
+def _spans(layers: list[int]) -> str:
+    """``[0, 1, 4]`` -> ``"0-1, 4-4"``."""
+    spans, lo = [], layers[0]
+    for a, b in zip(layers, layers[1:] + [None]):
+        if b != a + 1:
+            spans.append(f"{lo}-{a}")
+            lo = b
+    return ", ".join(spans)
 
 
 def virtual_size(build: ModelBuildArgs) -> int:
