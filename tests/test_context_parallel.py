@@ -75,6 +75,15 @@ def test_zigzag_split_and_merge():
         assert torch.equal(advantages, mb.fields["advantages"])
         assert sum(sh.real_tokens for sh in shards) == mb.real_tokens
         assert sum(sh.supervised_tokens for sh in shards) == mb.supervised_tokens
+    # Sequence parallelism at TP=8 under CP=2: the last sample is padded further so that every
+    # shard's length is a multiple of 8; the shards still merge back to the pack.
+    shards = [split_micro_batch(mb, 2, r, multiple=8) for r in range(2)]
+    assert sum(padded_length(n, 2) for n in lengths) // 2 % 8 != 0  # the multiple needs extra padding here
+    for sh in shards:
+        assert sh.tokens.shape[1] % 8 == 0 and sh.real_tokens + int((sh.segment_ids < 0).sum()) == sh.tokens.shape[1]
+        assert sh.cp.padded[:-1] == tuple(padded_length(n, 2) for n in lengths[:-1])
+    for name in ("tokens", "labels", "weights", "segment_ids"):
+        assert torch.equal(zigzag_merge([getattr(sh, name) for sh in shards], shards[0].cp), getattr(mb, name)), name
 
 
 def test_cp_refuses_unsupported_layouts():

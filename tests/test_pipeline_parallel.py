@@ -7,7 +7,8 @@ different lengths and are packed (THD) into several micro-batches of different l
 rank, so the pipelined schedule passes variable shapes, and the packed log-probs equal
 separate per-sample runs (packing isolation under PP). Virtual stages (PP=2 x V=2, megatron's
 interleaved schedule) run in the same world: their ranks pack 2, 3 (DP=2) and 5 (DP=1)
-micro-batches, so the count is rounded up to a multiple of PP on some ranks.
+micro-batches, so the count is rounded up to a multiple of PP on some ranks. Context
+parallelism with TP=2 (sequence parallelism) and with PP=2 runs there too.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def pp_world(tmp_path_factory):
         # every chunk are kept and swapped in).
         _run("tp2_vpp", untied, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
              virtual_pipeline_model_parallel_size=2, sequence_parallel=True), loss_type="policy_loss", norms=(True,), steps=1, ref_log_probs=True),
+        # Context parallelism with the other splits (each sample zigzag-split over two CP ranks):
+        # TP=2 x CP=2 with sequence parallelism, and PP=2 x CP=2 (stages pass CP shards).
+        _run("tp2_cp2", untied, dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
+             norms=(True,), log_probs=True),
+        _run("pp2_cp2", tied, dict(pipeline_model_parallel_size=2, context_parallel_size=2), norms=(True, False),
+             log_probs=True),
     ]  # fmt: skip
     torch.save({"samples": samples, "algorithm": ALGO, "tokens": tokens, "runs": runs}, tmp / "in.pt")
     run_torchrun(4, "pp_dist_worker.py", tmp / "in.pt", tmp / "out.pt", timeout=TIMEOUT_S)
@@ -162,6 +169,30 @@ def test_tp2_pp2_policy_loss_matches_single_rank(pp_world, name):
         trained, back = entry["hf_after"], entry["hf_after_ref"]
         assert any(not torch.equal(trained[k], v) for k, v in hf_state(ckpt["untied"]).items())  # the step moved them
         assert all(torch.equal(back[k], v) for k, v in trained.items())  # ... and they came back after the swap
+
+
+@pytest.mark.parametrize("name,family", [("tp2_cp2", "untied"), ("pp2_cp2", "tied")])
+def test_context_parallel_with_tp_or_pp_matches_single_rank(pp_world, name, family):
+    """CP=2 combined with TP=2 (sequence parallelism) or PP=2: loss and every gradient of the
+    SFT objective, the packed log-probs and entropy (gathered over CP, against separate
+    per-sample HF runs) and the logits of one sequence split over the CP ranks."""
+    from transformers import AutoModelForCausalLM
+
+    result, ckpt, samples, tokens = pp_world
+    entry = result[name]
+    for per_token, (loss, grads) in entry["grads"].items():
+        ref_loss, ref_grads = sft_reference(ckpt[family], samples, per_token)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert_grads(grads, ref_grads, f"{name} per_token={per_token}")
+    mine = [samples[i] for i in entry["share"]]
+    _, ref_lp, ref_ent = hf_response_log_probs(ckpt[family], mine)
+    assert len(entry["log_probs"]) == len(mine)
+    for ours, ref, ours_ent, ent in zip(entry["log_probs"], ref_lp, entry["entropy"], ref_ent):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_ent.double(), ent, rtol=1e-5, atol=1e-5)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(ckpt[family]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(entry["logits"], hf_model(torch.tensor([tokens])).logits[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "per_sample"])

@@ -310,7 +310,7 @@ class MegatronActor:
 
             remake = partial(make_micro_batches, samples, cp_batching(batching, cp), global_sup, global_samples)
             mbs = self.alignment.match_counts(remake(), remake)  # before the split: the CP ranks count alike
-            mbs = [split_micro_batch(mb, cp, self.info.cp_rank) for mb in mbs]
+            mbs = [split_micro_batch(mb, cp, self.info.cp_rank, self.alignment.multiple) for mb in mbs]
         else:
             mbs = make_micro_batches(samples, batching, global_sup, global_samples)
             mbs = self.alignment.align(mbs, partial(make_micro_batches, samples, batching, global_sup, global_samples))
@@ -614,16 +614,21 @@ class MegatronActor:
         return full_logits(None, out)
 
     def _cp_logits(self, tokens: list[int]) -> torch.Tensor:
+        """`logits` under CP: the sequence as one packed micro-batch, split over the CP ranks
+        (pipelined under PP), the last stage's shards gathered back in order."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         from slime.backends.megatron_utils.context_parallel import cp_gather
 
-        if self.info.pp_size > 1:
-            raise ValueError("MegatronActor.logits: not built for --context-parallel-size with pipeline stages")
         sample = {"tokens": list(tokens), "loss_mask": [1], "response_length": 1}
-        (mb,), _ = self._micro_batches([sample], BatchingArgs(micro_batch_size=1))
-        out = self._logits(self.model, mb)
-        out = gather_from_tensor_model_parallel_region(out.logits() if isinstance(out, OutputHead) else out)
-        out = cp_gather(out[0, :, : self.model_args.vocab_size].T.contiguous(), mb.cp, ps.get_context_parallel_group())
-        return out.T.float().cpu()
+        mbs, _ = self._micro_batches([sample], BatchingArgs(micro_batch_size=1))  # more under VPP: padding-only
+
+        def gathered(mb, out) -> torch.Tensor:
+            out = gather_from_tensor_model_parallel_region(out.logits() if isinstance(out, OutputHead) else out)
+            out = cp_gather(out[0, :, : self.model_args.vocab_size].T.contiguous(), mb.cp, ps.get_context_parallel_group())
+            return out.T.float().cpu()
+
+        if self.info.pp_size > 1:
+            return pipeline.last_stage_outputs(self._run_schedule, mbs, gathered)[0]
+        return gathered(mbs[0], self._logits(self.model, mbs[0]))

@@ -96,14 +96,20 @@ def _take(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
     return torch.where(index >= 0, x[..., safe], torch.full_like(x[..., safe], fill))
 
 
-def split_micro_batch(mb, cp_size: int, cp_rank: int):
+def split_micro_batch(mb, cp_size: int, cp_rank: int, multiple: int = 1):
     """This CP rank's zigzag share of a packed (THD) `batching.MicroBatch`; see the module
-    docstring. Padding tokens are token 0 with weight 0 and segment -1."""
+    docstring. Padding tokens are token 0 with weight 0 and segment -1. ``multiple``: the
+    shard's length is made a multiple of it (sequence parallelism: TP) by padding the last
+    sample further, 2 x cp_size positions at a time (causal: its real tokens never see them)."""
     if mb.cu_seqlens is None or mb.tokens.shape[0] != 1:
         raise ValueError("context parallelism needs packed micro-batches (--qkv-format thd)")
     bounds = mb.cu_seqlens.tolist()
     lengths = tuple(e - s for s, e in itertools.pairwise(bounds))
-    shard = CPShard(cp_size, cp_rank, lengths, tuple(padded_length(n, cp_size) for n in lengths))
+    padded = [padded_length(n, cp_size) for n in lengths]
+    # Each step adds 2 to the shard length, which is even already: at most `multiple` steps.
+    while padded and (sum(padded) // cp_size) % multiple:
+        padded[-1] += 2 * cp_size
+    shard = CPShard(cp_size, cp_rank, lengths, tuple(padded))
     index = shard.source_index(cp_rank)
     cu = torch.tensor([0, *torch.tensor(shard.padded).cumsum(0).tolist()], dtype=torch.int32)
     # Position of every local token in its sample (padding continues the count: never attended).
