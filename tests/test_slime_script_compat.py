@@ -110,6 +110,21 @@ def test_grads_in_fp32_follow_megatron_lm():
     assert actor_config_from_args(parse(base + ["--bf16"]), 1).build.grad_reduce_in_fp32
 
 
+def test_transformer_impl_is_accepted_and_said_at_start_up():
+    """slime's scripts may pass Megatron-LM's --transformer-impl; both values parse, and
+    transformer_engine says in the start-up note that the local spec is built."""
+    from slime.backends.megatron_utils.arguments import actor_config_from_args
+    from slime.utils.arguments import get_parser
+
+    base = script_args("qwen3-4B") + ["--hf-checkpoint", "/nonexistent", "--prompt-data", "x", "--rollout-batch-size", "8"]
+    parse = get_parser().parse_args
+    assert "transformer" not in actor_config_from_args(parse(base + ["--transformer-impl", "local"]), 1).attention_note
+    note = actor_config_from_args(parse(base + ["--transformer-impl", "transformer_engine"]), 1).attention_note
+    assert "--transformer-impl transformer_engine: megatron-core's local layer spec is built" in note
+    with pytest.raises(SystemExit):
+        parse(base + ["--transformer-impl", "te"])
+
+
 def test_attention_softmax_in_fp32_under_bf16():
     """With the flag, sdpa's scores and softmax run in fp32: the bf16 output equals the fp32
     computation rounded once; without it, it equals plain bf16 attention."""

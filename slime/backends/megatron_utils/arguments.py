@@ -95,6 +95,14 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument(
+        "--transformer-impl",
+        choices=("local", "transformer_engine"),
+        default="local",
+        help="megatron-core layer implementation: local (megatron's local spec, our packed attention on every "
+        "device). transformer_engine is accepted for slime's scripts but builds the local spec too, and says so "
+        "at start-up: Transformer Engine's layers are not wired up (docs/backend.md)",
+    )
+    g.add_argument(
         "--attention-backend",
         choices=ATTENTION_BACKEND_CHOICES,
         default="auto",
@@ -360,7 +368,13 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
         algorithm=AlgorithmConfig.from_args(args),
         cross_entropy=CrossEntropyConfig.from_args(args),
         throughput=ThroughputConfig.from_args(args),
-        attention_note=f"attention: --attention-backend {args.attention_backend} -> {backend} ({why})",
+        attention_note=f"attention: --attention-backend {args.attention_backend} -> {backend} ({why})"
+        + (
+            "; --transformer-impl transformer_engine: megatron-core's local layer spec is built "
+            "(Transformer Engine's layers are not wired up in this trainer)"
+            if args.transformer_impl == "transformer_engine"
+            else ""
+        ),
     )
     from slime.backends.megatron_utils.expert_parallel import check_expert_layout
     from slime.backends.megatron_utils.pipeline import check_pipeline_layout
