@@ -18,6 +18,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import run_torchrun
+from test_megatron_model import parallel  # noqa: F401  (the world-1 process group, a module fixture)
 from megatron_helpers import (
     attach_rl_fields,
     hf_policy_reference,
@@ -272,6 +273,39 @@ def test_torch_dist_checkpoint_moves_from_virtual_stages_to_pp1(pp_world):
         assert set(exported) == set(hf)
         for k, v in hf.items():
             assert torch.equal(exported[k], v), k
+
+
+def test_converter_at_pp2_loads_on_one_rank(parallel, tmp_path):  # noqa: F811
+    """tools/convert_hf_to_torch_dist.py under torchrun at PP=2 with uneven stages (1 + 3
+    layers, tied embeddings): each stage converts its own layers, and the checkpoint loads on
+    one rank with the HF weights bit for bit."""
+    import subprocess
+
+    from conftest import dist_env, torchrun_cmd
+
+    from slime.backends.megatron_utils.checkpoint import load_model_weights
+    from slime.backends.megatron_utils.hf_weights import mcore_to_hf
+    from slime.backends.megatron_utils.model_config import ModelArgs, hf_model_args
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
+
+    hf = make_hf_checkpoint("qwen3", tmp_path / "qwen3", seed=3, num_layers=4)
+    flags = ["--hf-checkpoint", hf, "--save", tmp_path / "dist", "--pipeline-model-parallel-size", "2",
+             "--decoder-first-pipeline-num-layers", "1", "--decoder-last-pipeline-num-layers", "3"]  # fmt: skip
+    proc = subprocess.run(torchrun_cmd(2, "../tools/convert_hf_to_torch_dist.py", *flags), env=dist_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = ModelArgs(**hf_model_args(str(hf)))
+    model = build_gpt_model(m, ModelBuildArgs())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    load_model_weights(model, str(tmp_path / "dist"))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    back, ref = mcore_to_hf([state], m), hf_state(hf)
+    ref.pop("lm_head.weight", None)  # tied
+    assert set(ref) <= set(back)
+    for k, v in ref.items():
+        assert torch.equal(back[k], v), k
 
 
 def test_bad_pipeline_layouts_fail_at_start_up():
