@@ -101,12 +101,18 @@ def test_loss_and_grads_match_formula_for_every_layout(actor, per_token):
             torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
 
 
-def test_full_recompute_gives_the_same_gradients(actor):
+@pytest.mark.parametrize(
+    "recompute",
+    [{"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+     {"recompute_granularity": "selective"}],  # megatron's default selective module: core attention
+    ids=["full", "selective"],
+)  # fmt: skip
+def test_recompute_gives_the_same_gradients(actor, recompute):
     from slime.backends.megatron_utils.actor import MegatronActor
     from slime.backends.megatron_utils.batching import BatchingArgs
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
 
-    build = ModelBuildArgs(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    build = ModelBuildArgs(**recompute)
     other = MegatronActor(actor.model_args, build, BatchingArgs(calculate_per_token_loss=True), actor.optim_args, actor.train_args)
     other.load_hf(str(TINY))
     samples = samples_from_data()
@@ -115,6 +121,8 @@ def test_full_recompute_gives_the_same_gradients(actor):
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for k, g in hf_grads(other, grads).items():
         torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+    attention = other.model.module.decoder.layers[0].self_attention
+    assert attention.checkpoint_core_attention == (recompute["recompute_granularity"] == "selective")
 
 
 def test_modes_differ(actor):
