@@ -37,6 +37,12 @@ HF_CONFIGS = {
         max_position_embeddings=131072, attention_bias=False, mlp_bias=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
+    "llama3.2-3B": dict(
+        model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, num_hidden_layers=28, hidden_size=3072,
+        intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        tie_word_embeddings=True, max_position_embeddings=131072, attention_bias=False, mlp_bias=False,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
 }
 
 
@@ -90,3 +96,17 @@ def test_wrong_script_value_is_caught(tmp_path):
     flags[flags.index("--num-query-groups") + 1] = "4"
     with pytest.raises(ModelConfigError, match="--num-query-groups is 4"):
         resolve(["--hf-checkpoint", str(tmp_path), *flags])
+
+
+def test_slime_spellings_of_model_flags(tmp_path):
+    """slime's Llama 3.x scripts spell the llama3 RoPE factor --rotary-scaling-factor: it is
+    --rope-scaling-factor, checked against config.json (Llama 3.2's 32 is not 3.1's 8);
+    glm4-32B.sh's --seq-length is accepted and changes nothing."""
+    from slime.backends.megatron_utils.model_config import ModelConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIGS["llama3.1-8B"]))
+    flags = script_args("llama3.2-3B")
+    assert resolve(flags).rope_scaling_factor == 32.0
+    with pytest.raises(ModelConfigError, match="--rope-scaling-factor is 32.0"):
+        resolve(["--hf-checkpoint", str(tmp_path), "--rotary-scaling-factor", "32.0"])
+    assert resolve(["--hf-checkpoint", str(tmp_path), "--seq-length", "32768"]) == resolve(["--hf-checkpoint", str(tmp_path)])

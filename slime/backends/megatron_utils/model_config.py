@@ -198,9 +198,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         ("--max-position-embeddings", int),
         ("--norm-epsilon", float),
         ("--rotary-base", float),
-        ("--rope-scaling-factor", float),
     ):
         g.add_argument(flag, type=typ, default=None)
+    g.add_argument(
+        "--rope-scaling-factor",
+        "--rotary-scaling-factor",  # slime's Llama 3.x scripts' spelling
+        dest="rope_scaling_factor",
+        type=float,
+        default=None,
+        help="llama3 RoPE scaling factor (with --use-rope-scaling); checked against config.json's rope_scaling.factor",
+    )
+    g.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="accepted for slime's scripts (Megatron-LM's fixed sample length): micro-batches here are packed "
+        "to --max-tokens-per-gpu or --micro-batch-size, and RoPE covers --max-position-embeddings",
+    )
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default=None)
     g.add_argument("--group-query-attention", action="store_true", default=None)
