@@ -125,6 +125,36 @@ def test_recompute_gives_the_same_gradients(actor, recompute):
     assert attention.checkpoint_core_attention == (recompute["recompute_granularity"] == "selective")
 
 
+def test_deterministic_mode(actor, monkeypatch):
+    """--deterministic-mode (slime's reproducibility script): megatron's config flag, torch's
+    deterministic algorithms and the cuBLAS workspace they need; the same exact gradients."""
+    import os
+
+    import torch
+
+    from slime.backends.megatron_utils.actor import MegatronActor
+    from slime.backends.megatron_utils.batching import BatchingArgs
+    from slime.backends.megatron_utils.model_provider import ModelBuildArgs
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        other = MegatronActor(actor.model_args, ModelBuildArgs(deterministic_mode=True),
+                              BatchingArgs(calculate_per_token_loss=True), actor.optim_args, actor.train_args)  # fmt: skip
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert other.model.module.config.deterministic_mode
+        other.load_hf(str(TINY))
+        samples = samples_from_data()
+        ref_loss, ref_grads = reference(samples, per_token=True)
+        loss, grads = other.gradients(samples)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for k, g in hf_grads(other, grads).items():
+            torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: the other tests run without it
+
+
 def test_modes_differ(actor):
     """Per-token and per-sample are different objectives on unequal samples (the test can fail)."""
     from slime.backends.megatron_utils.batching import BatchingArgs

@@ -174,6 +174,8 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--use-wandb", action="store_true")
     g.add_argument("--wandb-project", default="slime-sft")
     g.add_argument("--wandb-group", default=None)
+    g.add_argument("--wandb-team", default=None, help="wandb entity (team or user) the run is logged under")
+    g.add_argument("--wandb-host", default=None, help="wandb server URL (default: wandb's, https://api.wandb.ai)")
     g.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default="online")
     g.add_argument("--wandb-dir", default=None)
     g.add_argument("--wandb-key", default=None, help="API key (prefer the WANDB_API_KEY environment variable); never logged")

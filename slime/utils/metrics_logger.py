@@ -57,8 +57,21 @@ class MetricsLogger:
                 # wandb records the command line in its run metadata: redact the key there.
                 sys.argv = _redact_argv(sys.argv, "--wandb-key")
             config = {k: v for k, v in vars(args).items() if k not in _SECRET_ARGS}
+            settings = None
+            if args.wandb_host:
+                try:  # wandb checks the address (wandb.ai itself is https://api.wandb.ai)
+                    settings = wandb.Settings(base_url=args.wandb_host)
+                except ValueError as e:  # pydantic's error: its first message is the reason
+                    reason = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+                    raise ValueError(f"--wandb-host {args.wandb_host}: {reason}") from None
             self.wandb = wandb.init(
-                project=args.wandb_project, group=args.wandb_group, mode=args.wandb_mode, dir=args.wandb_dir or log_dir, config=config
+                project=args.wandb_project,
+                entity=args.wandb_team,
+                group=args.wandb_group,
+                mode=args.wandb_mode,
+                dir=args.wandb_dir or log_dir,
+                config=config,
+                settings=settings,
             )
 
     def log(self, metrics: dict, step: int) -> None:

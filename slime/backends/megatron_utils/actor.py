@@ -93,6 +93,10 @@ class MegatronActor:
 
         check_expert_layout(model, build)
         self.alignment = MicroBatchAlignment.for_layout(model, build)  # EP / sequence-parallel padding
+        if build.deterministic_mode:  # before any CUDA work (cuBLAS reads its workspace setting once)
+            from slime.backends.megatron_utils.parallel import use_deterministic_algorithms
+
+            use_deterministic_algorithms()
         self.info = init_parallel(build.layout, seed=train.seed)
         if train.global_batch_size % self.info.dp_size:
             raise ValueError(f"--global-batch-size {train.global_batch_size} is not divisible by DP size {self.info.dp_size}")

@@ -110,6 +110,12 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "Megatron-LM's flash/fused = the fastest exact packed path on the device (varlen, else flex, sdpa on CPU), "
         "unfused/local = sdpa",
     )
+    g.add_argument(
+        "--deterministic-mode",
+        action="store_true",
+        help="bitwise-reproducible training: megatron's deterministic kernels and torch's deterministic "
+        "algorithms (an op without one raises); set NCCL_ALGO=Ring for reproducible reductions on GPUs",
+    )
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -149,6 +155,18 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="accepted for slime's scripts: megatron's distributed optimizer is always used on CUDA "
+        "(optimizer states sharded over DP); CPU runs use the plain one",
+    )
+    g.add_argument(
+        "--no-gradient-accumulation-fusion",
+        action="store_true",
+        help="accepted for slime's scripts: the fused weight-gradient accumulation (apex / Transformer Engine "
+        "kernels) is never used with the local layer spec",
+    )
     g.add_argument(
         "--optimizer-cpu-offload",
         action="store_true",
@@ -330,6 +348,7 @@ def actor_config_from_args(args: argparse.Namespace, total_steps: int) -> ActorC
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
+            deterministic_mode=args.deterministic_mode,
         ),
         batching=BatchingArgs(
             micro_batch_size=args.micro_batch_size,

@@ -35,6 +35,8 @@ class ModelBuildArgs:
     decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers: pipeline stages
         (``--num-layers-per-virtual-pipeline-stage`` is turned into the virtual size by the parser).
     context_parallel_size, expert_model_parallel_size, expert_tensor_parallel_size: see `layout`.
+    deterministic_mode: ``--deterministic-mode``, megatron's deterministic kernels and torch's
+        deterministic algorithms (`use_deterministic_algorithms`).
     """
 
     tensor_model_parallel_size: int = 1
@@ -55,6 +57,7 @@ class ModelBuildArgs:
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
+    deterministic_mode: bool = False
     init_method_std: float = 0.02
     use_cpu_initialization: bool = True
 
@@ -121,6 +124,7 @@ def transformer_config(model: ModelArgs, build: ModelBuildArgs):
         recompute_granularity=build.recompute_granularity,
         recompute_method=build.recompute_method,
         recompute_num_layers=build.recompute_num_layers,
+        deterministic_mode=build.deterministic_mode,
         init_method_std=build.init_method_std,
         use_cpu_initialization=build.use_cpu_initialization,
         # Kernels from apex / TE are not assumed; these are plain torch ops.

@@ -17,7 +17,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelInfo", "ParallelLayout", "destroy_parallel", "init_parallel", "seed_everything"]
+__all__ = [
+    "ParallelInfo",
+    "ParallelLayout",
+    "destroy_parallel",
+    "init_parallel",
+    "seed_everything",
+    "use_deterministic_algorithms",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,16 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def use_deterministic_algorithms() -> None:
+    """``--deterministic-mode``, process-wide: torch's deterministic algorithms (an op without a
+    deterministic kernel raises rather than run), with the cuBLAS workspace setting they need
+    on CUDA (read when cuBLAS starts: call before any CUDA work). NCCL's reduction order is the
+    launcher's to fix (e.g. ``NCCL_ALGO=Ring``), as in Megatron-LM. Costs: slower kernels (no
+    atomics-based ones) and a larger cuBLAS workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def init_parallel(layout: ParallelLayout | None = None, seed: int = 1234, timeout_minutes: int = 10) -> ParallelInfo:
