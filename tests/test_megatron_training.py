@@ -347,3 +347,41 @@ def test_crash_mid_save_keeps_previous_checkpoint(actor, tmp_path, monkeypatch):
     for k, v in actor.megatron_state().items():
         assert torch.equal(v, before[k]), k
     assert checkpoint.checkpoint_dir(str(tmp_path)).endswith("iter_0000000")
+
+
+def test_training_checkpoints_use_megatron_lm_keys(actor, tmp_path, monkeypatch):
+    """A training checkpoint's tensors are keyed as Megatron-LM saves them (the unwrapped
+    model's ``decoder.layers...``), so it also serves as initial weights (`load_dist`, what
+    --ref-load does); one saved with the older ``module.`` prefix still resumes and loads."""
+    from megatron.core import dist_checkpointing
+
+    from slime.backends.megatron_utils import checkpoint
+
+    actor.batching = dataclasses.replace(actor.batching, calculate_per_token_loss=True)
+    actor.train_step(samples_from_data()[:2])  # optimizer moments exist
+    saved = {k: v.clone() for k, v in actor.megatron_state().items()}
+
+    def zero_weights():
+        with torch.no_grad():
+            for p in actor.model.module.parameters():
+                p.zero_()
+
+    actor.save(str(tmp_path / "new"), 1, {"rollout_id": 1})
+    keys = dist_checkpointing.load_tensors_metadata(checkpoint.checkpoint_dir(str(tmp_path / "new"))).keys()
+    assert "decoder.final_layernorm.weight" in keys and "embedding.word_embeddings.weight" in keys
+    assert not [k for k in keys if k.startswith(checkpoint.LEGACY_PREFIX)]
+    assert [k for k in keys if k.startswith("optimizer.")]  # the training state is in it too
+    zero_weights()
+    actor.load_dist(str(tmp_path / "new"))
+    assert all(torch.equal(v, saved[k]) for k, v in actor.megatron_state().items())
+
+    real = checkpoint._sharded_state_dict
+    monkeypatch.setattr(checkpoint, "_sharded_state_dict", lambda model, prefix="": real(model, checkpoint.LEGACY_PREFIX))
+    actor.save(str(tmp_path / "old"), 1, {"rollout_id": 1})  # the layout of earlier saves
+    monkeypatch.undo()
+    old = dist_checkpointing.load_tensors_metadata(checkpoint.checkpoint_dir(str(tmp_path / "old"))).keys()
+    assert "module.decoder.final_layernorm.weight" in old
+    for load in (lambda: actor.load(str(tmp_path / "old")), lambda: actor.load_dist(str(tmp_path / "old"))):
+        zero_weights()
+        load()
+        assert all(torch.equal(v, saved[k]) for k, v in actor.megatron_state().items())

@@ -2,7 +2,11 @@
 
 Layout (Megatron-LM's): ``DIR/latest_checkpointed_iteration.txt`` holds the iteration,
 weights live in ``DIR/iter_0000000/``. A torch_dist checkpoint stores global tensor
-metadata, so it loads at any TP size (resharded on load).
+metadata, so it loads at any TP size (resharded on load). Tensor keys are the unwrapped
+model's (``decoder.layers...``, as Megatron-LM saves them), in weights-only and training
+checkpoints alike, so either serves as initial weights (``--ref-load``). Training checkpoints
+of this trainer before 2026-12-03 carry a ``module.`` prefix (megatron's DDP wrapper): they
+load too.
 
 ``model`` is one module or a pipeline rank's list of model chunks (virtual stages). Each
 chunk's sharded state dict names its layers by global index (megatron's layer offset), so the
@@ -62,22 +66,45 @@ def _point_tracker(root: str, iteration: int) -> None:
 
 
 def _chunks(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
+    """The model chunks without megatron's DDP (or fp16) wrapper, as Megatron-LM saves them:
+    the wrapper's sharded state dict would prefix every key with ``module.``."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(list(model) if isinstance(model, (list, tuple)) else [model])
 
 
-def _sharded_state_dict(model) -> dict:
+# Tensor keys of checkpoints saved before the chunks were unwrapped (this trainer until
+# 2026-12-03): loaded as they are, by asking for the same prefix.
+LEGACY_PREFIX = "module."
+
+
+def _key_prefix(source: str) -> str:
+    """``LEGACY_PREFIX`` for a checkpoint whose tensor keys carry it, else ""."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        keys = dist_checkpointing.load_tensors_metadata(source).keys()
+    except Exception:  # unreadable metadata: the load itself reports it, naming the directory
+        return ""
+    model_keys = [k for k in keys if not k.startswith("optimizer.")]
+    return LEGACY_PREFIX if model_keys and all(k.startswith(LEGACY_PREFIX) for k in model_keys) else ""
+
+
+def _sharded_state_dict(model, prefix: str = "") -> dict:
     chunks = _chunks(model)
     if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return chunks[0].sharded_state_dict(prefix=prefix)
+    return {f"chunk{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
 
 
-def _load_state_dict(model, state: dict) -> list[str]:
-    """``state`` (shaped like `_sharded_state_dict`'s) into the chunks; the missing keys."""
+def _load_state_dict(model, state: dict, prefix: str = "") -> list[str]:
+    """``state`` (shaped like `_sharded_state_dict(model, prefix)`'s) into the chunks; the
+    missing keys."""
     chunks = _chunks(model)
     parts = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
     missing = []
     for chunk, part in zip(chunks, parts):
+        part = {k.removeprefix(prefix): v for k, v in part.items()}
         result = chunk.load_state_dict(part, strict=False)
         missing += result[0] if result is not None else []  # megatron's DDP returns nothing
     return missing
@@ -103,11 +130,12 @@ def load_model_weights(model, path: str) -> str:
     from megatron.core import dist_checkpointing
 
     source = checkpoint_dir(path)
+    prefix = _key_prefix(source)
     try:
-        state = dist_checkpointing.load(_sharded_state_dict(model), source)
+        state = dist_checkpointing.load(_sharded_state_dict(model, prefix), source)
     except Exception as e:
         raise ValueError(f"cannot load torch_dist checkpoint {source}: {type(e).__name__}: {e}") from e
-    missing = [k for k in _load_state_dict(model, state) if not k.endswith("_extra_state")]
+    missing = [k for k in _load_state_dict(model, state, prefix) if not k.endswith("_extra_state")]
     if missing:
         raise ValueError(f"checkpoint {source} lacks weights for {missing[:5]}")
     return source
@@ -203,14 +231,15 @@ def load_training_state(model, optimizer, scheduler, root: str) -> dict:
         raise ValueError(f"{source} holds weights only (no {STATE_FILE}); use --ref-load for initial weights")
     with open(state_path) as f:
         state = json.load(f)
-    model_sd = _sharded_state_dict(model)
+    prefix = _key_prefix(source)
+    model_sd = _sharded_state_dict(model, prefix)
     try:
         loaded = dist_checkpointing.load(
             {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, source
         )
     except Exception as e:
         raise ValueError(f"cannot load checkpoint {source}: {type(e).__name__}: {e}") from e
-    _load_state_dict(model, loaded["model"])
+    _load_state_dict(model, loaded["model"], prefix)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_path = os.path.join(source, f"rng_rank{dist.get_rank():05d}.pt")
