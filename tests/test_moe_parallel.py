@@ -3,8 +3,8 @@ dispatchers, one rank with fewer samples), EP=2 x TP=2 with expert TP 1, each eq
 and router metrics on packed micro-batches of different lengths; HF logits, bit-exact export,
 weight sync and torch_dist checkpoints across layouts; conversion at EP x ETP x TP.
 
-Context parallelism (CP=2, alone and with EP=2 over the CP ranks), EP=2 x PP=2 and TP=2 x
-PP=2 with virtual stages equal a single rank too, the aux loss on.
+Context parallelism (CP=2 alone, with EP=2 over the CP ranks and with TP=2), EP=2 x PP=2 and
+TP=2 x PP=2 with virtual stages equal a single rank too, the aux loss on.
 
 Two torchrun worlds (tests/moe_dist_worker.py), of two and four ranks, run every layout.
 
@@ -53,6 +53,9 @@ RUNS = {
     "ep2_pp2": ("qwen3_moe", {"ep": 2, "pp": 2, "world": 4}, "alltoall", AUX, "pairs"),
     # CP=2 x DP=2 with EP=2 over the CP ranks (megatron folds CP into the expert data ranks).
     "cp2_ep2": ("qwen3_moe", {"cp": 2, "ep": 2, "max_tokens": MAX_TOKENS // 2, "world": 4}, "alltoall", AUX, "pairs"),
+    # TP=2 (sequence parallel) x CP=2: the router's token counts meet over TP x CP.
+    "tp2_cp2": ("qwen3_moe", {"tp": 2, "sp": True, "cp": 2, "max_tokens": MAX_TOKENS // 2, "world": 4}, "alltoall", AUX,
+                "all"),
     # TP=2 x PP=2 x V=2 on four layers, the first dense: rank 0 holds layers 0 and 2, rank 1
     # layers 1 and 3, so both ranks have a MoE layer only over their two chunks.
     "tp2_vpp": ("qwen2_moe_4l", {"tp": 2, "sp": True, "pp": 2, "vpp": 2, "world": 4}, "alltoall", AUX, "all"),
