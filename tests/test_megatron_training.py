@@ -101,6 +101,25 @@ def test_loss_and_grads_match_formula_for_every_layout(actor, per_token):
             torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=f"{name}: {k}")
 
 
+def _actor_with(actor, build):
+    """A per-token actor of ``actor``'s model under ``build``, on the HF weights."""
+    from slime.backends.megatron_utils.actor import MegatronActor
+    from slime.backends.megatron_utils.batching import BatchingArgs
+
+    other = MegatronActor(actor.model_args, build, BatchingArgs(calculate_per_token_loss=True), actor.optim_args, actor.train_args)
+    other.load_hf(str(TINY))
+    return other
+
+
+def _assert_reference_gradients(actor):
+    samples = samples_from_data()
+    ref_loss, ref_grads = reference(samples, per_token=True)
+    loss, grads = actor.gradients(samples)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for k, g in hf_grads(actor, grads).items():
+        torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
 @pytest.mark.parametrize(
     "recompute",
     [{"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
@@ -108,19 +127,10 @@ def test_loss_and_grads_match_formula_for_every_layout(actor, per_token):
     ids=["full", "selective"],
 )  # fmt: skip
 def test_recompute_gives_the_same_gradients(actor, recompute):
-    from slime.backends.megatron_utils.actor import MegatronActor
-    from slime.backends.megatron_utils.batching import BatchingArgs
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
 
-    build = ModelBuildArgs(**recompute)
-    other = MegatronActor(actor.model_args, build, BatchingArgs(calculate_per_token_loss=True), actor.optim_args, actor.train_args)
-    other.load_hf(str(TINY))
-    samples = samples_from_data()
-    ref_loss, ref_grads = reference(samples, per_token=True)
-    loss, grads = other.gradients(samples)
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    for k, g in hf_grads(other, grads).items():
-        torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+    other = _actor_with(actor, ModelBuildArgs(**recompute))
+    _assert_reference_gradients(other)
     attention = other.model.module.decoder.layers[0].self_attention
     assert attention.checkpoint_core_attention == (recompute["recompute_granularity"] == "selective")
 
@@ -130,27 +140,16 @@ def test_deterministic_mode(actor, monkeypatch):
     deterministic algorithms and the cuBLAS workspace they need; the same exact gradients."""
     import os
 
-    import torch
-
-    from slime.backends.megatron_utils.actor import MegatronActor
-    from slime.backends.megatron_utils.batching import BatchingArgs
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not torch.are_deterministic_algorithms_enabled()
     try:
-        other = MegatronActor(actor.model_args, ModelBuildArgs(deterministic_mode=True),
-                              BatchingArgs(calculate_per_token_loss=True), actor.optim_args, actor.train_args)  # fmt: skip
+        other = _actor_with(actor, ModelBuildArgs(deterministic_mode=True))
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert other.model.module.config.deterministic_mode
-        other.load_hf(str(TINY))
-        samples = samples_from_data()
-        ref_loss, ref_grads = reference(samples, per_token=True)
-        loss, grads = other.gradients(samples)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        for k, g in hf_grads(other, grads).items():
-            torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+        _assert_reference_gradients(other)
     finally:
         torch.use_deterministic_algorithms(False)  # process-wide: the other tests run without it
 
