@@ -380,6 +380,10 @@ def test_training_checkpoints_use_megatron_lm_keys(actor, tmp_path, monkeypatch)
     monkeypatch.undo()
     old = dist_checkpointing.load_tensors_metadata(checkpoint.checkpoint_dir(str(tmp_path / "old"))).keys()
     assert "module.decoder.final_layernorm.weight" in old
+    # Chained optimizers (a dense and an expert one at EP > 1) prefix their keys with chained_N.
+    legacy = ["chained_0.optimizer.state.exp_avg.module.decoder.x", "module.decoder.x", "module.embedding.y"]
+    assert checkpoint.key_prefix_of(legacy) == checkpoint.LEGACY_PREFIX
+    assert checkpoint.key_prefix_of([k.replace("module.", "") for k in legacy]) == ""
     for load in (lambda: actor.load(str(tmp_path / "old")), lambda: actor.load_dist(str(tmp_path / "old"))):
         zero_weights()
         load()

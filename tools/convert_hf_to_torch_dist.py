@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from slime.backends.megatron_utils.model_config import resolve_model_args
     from slime.backends.megatron_utils.model_provider import ModelBuildArgs, build_gpt_model
     from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
-    from slime.backends.megatron_utils.pipeline import to_stage
+    from slime.backends.megatron_utils.pipeline import check_pipeline_layout, to_stage
 
     model_args = resolve_model_args(args)
     build = ModelBuildArgs(
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
     )
+    check_pipeline_layout(model_args, build)  # the flag-named message, before any process group
     info = init_parallel(build.layout)
     model = build_gpt_model(model_args, build)
     shards = hf_to_mcore(load_hf_state_dict(args.hf_checkpoint), model_args, info.tp_rank, info.tp_size, placement())

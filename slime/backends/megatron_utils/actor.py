@@ -619,7 +619,8 @@ class MegatronActor:
 
     def _cp_logits(self, tokens: list[int]) -> torch.Tensor:
         """`logits` under CP: the sequence as one packed micro-batch, split over the CP ranks
-        (pipelined under PP), the last stage's shards gathered back in order."""
+        (pipelined under PP), the last stage's shards gathered back in order. Building the
+        micro-batch counts tokens over DP: every rank calls it, as every rank trains."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 

@@ -78,16 +78,29 @@ def _chunks(model) -> list:
 LEGACY_PREFIX = "module."
 
 
+_MODEL_ROOTS = ("decoder.", "embedding.", "output_layer.")  # GPTModel's top-level modules
+
+
+def key_prefix_of(keys) -> str:
+    """``LEGACY_PREFIX`` when a checkpoint's tensor ``keys`` name the model under it (and never
+    without it), else "". Optimizer keys (``optimizer.state...``, ``chained_N.optimizer...``
+    with megatron's chained optimizers, at EP > 1 say) embed the model keys further in: only
+    keys that start with a model module count."""
+    keys = list(keys)
+    new = any(k.startswith(_MODEL_ROOTS) for k in keys)
+    old = any(k.startswith(tuple(LEGACY_PREFIX + r for r in _MODEL_ROOTS)) for k in keys)
+    return LEGACY_PREFIX if old and not new else ""
+
+
 def _key_prefix(source: str) -> str:
-    """``LEGACY_PREFIX`` for a checkpoint whose tensor keys carry it, else ""."""
+    """`key_prefix_of` the checkpoint in ``source``."""
     from megatron.core import dist_checkpointing
 
     try:
         keys = dist_checkpointing.load_tensors_metadata(source).keys()
     except Exception:  # unreadable metadata: the load itself reports it, naming the directory
         return ""
-    model_keys = [k for k in keys if not k.startswith("optimizer.")]
-    return LEGACY_PREFIX if model_keys and all(k.startswith(LEGACY_PREFIX) for k in model_keys) else ""
+    return key_prefix_of(keys)
 
 
 def _sharded_state_dict(model, prefix: str = "") -> dict:
