@@ -388,3 +388,38 @@ def test_training_checkpoints_use_megatron_lm_keys(actor, tmp_path, monkeypatch)
         zero_weights()
         load()
         assert all(torch.equal(v, saved[k]) for k, v in actor.megatron_state().items())
+
+
+def test_weights_load_without_our_extra_state(actor, tmp_path):
+    """Initial weights (`load_dist`, --ref-load) need the weights only: a checkpoint whose
+    layers' ``_extra_state`` is missing or named otherwise (Transformer Engine's layers save
+    theirs under other names) loads bit for bit; one that lacks a weight names it."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from slime.backends.megatron_utils import checkpoint
+
+    saved = {k: v.clone() for k, v in actor.megatron_state().items()}
+
+    def save_without(root, drop):
+        sd = checkpoint._sharded_state_dict(actor.chunks)
+        sd = {k: v for k, v in sd.items() if not drop(k)}
+        target = tmp_path / root / "iter_0000000"
+        target.mkdir(parents=True)
+        dist_checkpointing.save(sd, str(target))
+        dist.barrier()
+        (tmp_path / root / "latest_checkpointed_iteration.txt").write_text("0")
+        return str(tmp_path / root)
+
+    no_extra = save_without("no_extra", lambda k: k.endswith("_extra_state"))
+    keys = dist_checkpointing.load_tensors_metadata(checkpoint.checkpoint_dir(no_extra)).keys()
+    assert not [k for k in keys if "_extra_state" in k]
+    with torch.no_grad():
+        for p in actor.model.module.parameters():
+            p.zero_()
+    actor.load_dist(no_extra)
+    assert all(torch.equal(v, saved[k]) for k, v in actor.megatron_state().items())
+
+    no_norm = save_without("no_norm", lambda k: k == "decoder.final_layernorm.weight")
+    with pytest.raises(ValueError, match=r"lacks weights for \['decoder.final_layernorm.weight'\]"):
+        actor.load_dist(no_norm)

@@ -139,18 +139,29 @@ def save_model_weights(model, root: str, iteration: int = 0) -> str:
 
 
 def load_model_weights(model, path: str) -> str:
-    """Load weights saved by `save_model_weights` (or a converted checkpoint) into ``model``."""
+    """Load weights saved by `save_model_weights`, a training checkpoint or a converted one
+    (Megatron-LM's, slime's converter) into ``model``.
+
+    Only the weights must be there. Layers' ``_extra_state`` (Transformer Engine's fp8
+    metadata; nothing for the local layers) is stored under names that depend on the layer
+    implementation that saved it, so a checkpoint without ours still loads: megatron's
+    RETURN_UNEXPECTED load leaves out what the checkpoint lacks and says what that was, and
+    anything but ``_extra_state`` among it is an error naming the tensors."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     source = checkpoint_dir(path)
     prefix = _key_prefix(source)
     try:
-        state = dist_checkpointing.load(_sharded_state_dict(model, prefix), source)
+        state, _, absent = dist_checkpointing.load(  # (state, missing, unexpected)
+            _sharded_state_dict(model, prefix), source, strict=StrictHandling.RETURN_UNEXPECTED
+        )
     except Exception as e:
         raise ValueError(f"cannot load torch_dist checkpoint {source}: {type(e).__name__}: {e}") from e
-    missing = [k for k in _load_state_dict(model, state, prefix) if not k.endswith("_extra_state")]
-    if missing:
-        raise ValueError(f"checkpoint {source} lacks weights for {missing[:5]}")
+    lacking = {k for k in absent if "_extra_state" not in k}
+    lacking |= {k for k in _load_state_dict(model, state, prefix) if not k.endswith("_extra_state")}
+    if lacking:
+        raise ValueError(f"checkpoint {source} lacks weights for {sorted(lacking)[:5]}")
     return source
 
 
