@@ -4,7 +4,7 @@
 
 IN.pt (``torch.save``; read with weights_only=True): {"runs": [run, ...], "tokens": [...]}; a
 run is {"name", "hf_dir", "dispatcher", "dist_ckpt" (a torch_dist checkpoint to load, or ""),
-"tp", "ep", "etp" (0 = TP), "sp", "pp", "vpp" (0 = none), "cp", "aux_coeff", "samples" (per DP rank, [] for none),
+"tp", "ep", "etp" (0 = TP), "sp", "pp", "vpp" (0 = none), "cp", "aux_coeff", "z" (--moe-z-loss-coeff, optional), "samples" (per DP rank, [] for none),
 "max_tokens", "save" (a directory to save a torch_dist checkpoint in, or ""), "resume" (a
 directory for a training-state save/load round trip, optional)}.
 
@@ -46,6 +46,7 @@ def run(inp: str, out: str) -> None:
             ModelArgs(**hf_model_args(r["hf_dir"])),
             moe_token_dispatcher_type=r["dispatcher"],
             moe_aux_loss_coeff=r.get("aux_coeff", 0.0),
+            moe_z_loss_coeff=r.get("z") or None,
         )
         build = ModelBuildArgs(
             tensor_model_parallel_size=r.get("tp", 1),

@@ -230,24 +230,25 @@ def _hf_reference(hf_dir, samples, m):
         logits = [r.double() for r in out.router_logits]
         per_layer_logits = logits if per_layer_logits is None else [torch.cat(p) for p in zip(per_layer_logits, logits)]
     k, e = m.moe_router_topk, m.num_experts
-    aux, counts = [], []
+    aux, z, counts = [], [], []
     for logits in per_layer_logits:
         probs = logits.softmax(-1)
         routed = torch.zeros_like(probs).scatter(1, probs.topk(k, dim=-1).indices, 1.0).sum(0)
         t = probs.shape[0]
         aux.append((probs.sum(0) * routed).sum() * e / (k * t * t))
+        z.append(torch.logsumexp(logits, dim=-1).square().mean())  # ST-MoE's router z-loss
         counts.append(routed.detach())
-    loss = ce + m.moe_aux_loss_coeff * sum(aux)
+    loss = ce + m.moe_aux_loss_coeff * sum(aux) + (m.moe_z_loss_coeff or 0.0) * sum(z)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return float(loss), [float(a) for a in aux], torch.stack(counts), grads
+    return float(loss), [float(a) for a in aux], [float(v) for v in z], torch.stack(counts), grads
 
 
 @pytest.mark.usefixtures("parallel")
 def test_sft_steps_aux_loss_and_router_metrics(checkpoints):
-    """One step's gradients equal transformers' (SFT loss + coeff x load-balancing loss per MoE
-    layer, no token-count factor), the logged aux loss and router statistics equal those of
-    HF's routing, and a few SFT steps lower the loss."""
+    """One step's gradients equal transformers' (SFT loss + coeff x load-balancing loss + z
+    coeff x router z-loss per MoE layer, no token-count factor), the logged aux and z losses
+    and router statistics equal those of HF's routing, and a few SFT steps lower the loss."""
     from megatron_helpers import synthetic_samples
 
     from slime.backends.megatron_utils.actor import MegatronActor, TrainArgs
@@ -260,6 +261,7 @@ def test_sft_steps_aux_loss_and_router_metrics(checkpoints):
     m = dataclasses.replace(
         resolve("--hf-checkpoint", hf_dir),
         moe_aux_loss_coeff=0.05,
+        moe_z_loss_coeff=1e-4,  # the tiny router's logits are large (z ~ 150): a small weight keeps fp32 error small
         moe_token_dispatcher_type="alltoall",
         moe_router_dtype="fp32",
     )
@@ -275,11 +277,12 @@ def test_sft_steps_aux_loss_and_router_metrics(checkpoints):
     actor.load_hf(str(hf_dir))
     _, grads = actor.gradients(samples)  # one micro-batch: every sample packed in one row
     metrics = moe_step_metrics(actor.model.module, num_micro_batches=1)
-    ref_loss, ref_aux, ref_counts, ref_grads = _hf_reference(hf_dir, samples, m)
+    ref_loss, ref_aux, ref_z, ref_counts, ref_grads = _hf_reference(hf_dir, samples, m)
     ours = actor.gather_hf(grads)
     for k, g in ours.items():
         torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-4, atol=1e-7, msg=k)
     assert metrics["moe/load_balancing_loss"] == pytest.approx(sum(ref_aux) / len(ref_aux), rel=1e-5)
+    assert metrics["moe/z_loss"] == pytest.approx(sum(ref_z) / len(ref_z), rel=1e-5)
     share = ref_counts / ref_counts.sum(dim=1, keepdim=True)
     assert metrics["moe/expert_load_max"] == pytest.approx(float((share.max(dim=1).values * m.num_experts).mean()))
     assert metrics["moe/experts_unused"] == pytest.approx(float((ref_counts == 0).double().mean()))
@@ -291,7 +294,7 @@ def test_sft_steps_aux_loss_and_router_metrics(checkpoints):
         step = actor.train_step(samples)  # the actor reports the MoE metrics of its step
         assert step["moe/load_balancing_loss"] > 0 and step["moe/expert_load_max"] >= 1.0
         losses.append(step["loss"])
-    assert losses[0] == pytest.approx(ref_loss - 0.05 * sum(ref_aux), rel=1e-5)  # the logged loss is the SFT loss
+    assert losses[0] == pytest.approx(ref_loss - 0.05 * sum(ref_aux) - 1e-4 * sum(ref_z), rel=1e-5)  # the SFT loss
     assert losses[-1] < losses[0] - 0.1, losses
 
 

@@ -32,12 +32,14 @@ from test_moe import build, checkpoints, hf_state, resolve  # noqa: F401  (fixtu
 DIST_TIMEOUT_S = 300
 MAX_TOKENS = 200  # every pair of neighbouring samples below packs into one micro-batch, three do not
 AUX = 0.05
+Z = 1e-4  # router z-loss weight of the CP runs (the tiny router's z is ~150)
 
 # name -> (family, layout, dispatcher, aux coeff, how the 4 samples are split over DP ranks).
 # The aux loss is on for the Qwen2-MoE runs (both tests of its per-micro-batch semantics) and
 # off for the Qwen3-MoE ones but PP=2, so three single-rank references cover every run.
 # A layout's "world" is its torchrun world's size (2 unless given); "max_tokens" its
-# --max-tokens-per-gpu (MAX_TOKENS unless given: a CP group packs CP x that per micro-batch).
+# --max-tokens-per-gpu (MAX_TOKENS unless given: a CP group packs CP x that per micro-batch);
+# "z" its --moe-z-loss-coeff (none unless given).
 RUNS = {
     "tp2_sp": ("qwen3_moe", {"tp": 2, "sp": True}, "alltoall", 0.0, "all"),
     "tp2_sp_allgather": ("qwen2_moe", {"tp": 2, "sp": True}, "allgather", AUX, "all"),
@@ -48,14 +50,14 @@ RUNS = {
     "pp2": ("qwen3_moe", {"pp": 2}, "alltoall", AUX, "all"),
     # Each sample split over two CP ranks (zigzag, padded): the ranks' partial aux losses and
     # router counts add up to the micro-batch's; the packs are the single rank's (2 x 100 tokens).
-    "cp2": ("qwen3_moe", {"cp": 2, "max_tokens": MAX_TOKENS // 2}, "alltoall", AUX, "all"),
+    "cp2": ("qwen3_moe", {"cp": 2, "max_tokens": MAX_TOKENS // 2, "z": Z}, "alltoall", AUX, "all"),
     # Four ranks. EP=2 x PP=2: each stage's experts split over the two DP ranks.
     "ep2_pp2": ("qwen3_moe", {"ep": 2, "pp": 2, "world": 4}, "alltoall", AUX, "pairs"),
     # CP=2 x DP=2 with EP=2 over the CP ranks (megatron folds CP into the expert data ranks).
     "cp2_ep2": ("qwen3_moe", {"cp": 2, "ep": 2, "max_tokens": MAX_TOKENS // 2, "world": 4}, "alltoall", AUX, "pairs"),
     # TP=2 (sequence parallel) x CP=2: the router's token counts meet over TP x CP.
-    "tp2_cp2": ("qwen3_moe", {"tp": 2, "sp": True, "cp": 2, "max_tokens": MAX_TOKENS // 2, "world": 4}, "alltoall", AUX,
-                "all"),
+    "tp2_cp2": ("qwen3_moe", {"tp": 2, "sp": True, "cp": 2, "max_tokens": MAX_TOKENS // 2, "z": Z, "world": 4},
+                "alltoall", AUX, "all"),
     # TP=2 x PP=2 x V=2 on four layers, the first dense: rank 0 holds layers 0 and 2, rank 1
     # layers 1 and 3, so both ranks have a MoE layer only over their two chunks.
     "tp2_vpp": ("qwen2_moe_4l", {"tp": 2, "sp": True, "pp": 2, "vpp": 2, "world": 4}, "alltoall", AUX, "all"),
@@ -79,9 +81,9 @@ def _split(samples, how):
     return {"all": [samples], "pairs": [samples[:2], samples[2:]], "one_three": [samples[:1], samples[1:]]}[how]
 
 
-def _model(hf_dir, dispatcher, aux):
+def _model(hf_dir, dispatcher, aux, z=None):
     m = resolve("--hf-checkpoint", hf_dir)
-    return dataclasses.replace(m, moe_token_dispatcher_type=dispatcher, moe_aux_loss_coeff=aux)
+    return dataclasses.replace(m, moe_token_dispatcher_type=dispatcher, moe_aux_loss_coeff=aux, moe_z_loss_coeff=z)
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +148,12 @@ def references(parallel, models, dist_run):  # noqa: F811
 
     samples = dist_run[2]
     out = {}
-    for family, aux in sorted({(f, a) for f, _, _, a, _ in RUNS.values()}):
+    for family, aux, z in sorted({(f, a, layout.get("z", 0.0)) for f, layout, _, a, _ in RUNS.values()}):
         batching = BatchingArgs(
             use_dynamic_batch_size=True, max_tokens_per_gpu=MAX_TOKENS, calculate_per_token_loss=True
         )
         actor = MegatronActor(
-            _model(models[family], "alltoall", aux),
+            _model(models[family], "alltoall", aux, z or None),
             ModelBuildArgs(),
             batching,
             OptimizerArgs(lr=1e-3),
@@ -163,7 +165,7 @@ def references(parallel, models, dist_run):  # noqa: F811
         metrics = moe_step_metrics(actor.model.module, len(mbs))
         forward_only = (actor.evaluate(samples), actor.compute_log_probs(samples)["log_probs"])
         step = actor.train_step(samples)
-        out[family, aux] = (
+        out[family, aux, z] = (
             loss,
             actor.gather_hf(grads),
             metrics,
@@ -181,9 +183,9 @@ def test_layout_matches_a_single_rank(dist_run, references, name):
     """Loss, every expert's and dense gradient, aux loss and router statistics of one step, the
     eval loss and per-token log-probs (forward only), then
     an optimizer step's loss and grad norm (and, for RESUMED, a training-state round trip)."""
-    family, _, _, aux, how = RUNS[name]
+    family, layout, _, aux, how = RUNS[name]
     entry = dist_run[0][name]
-    loss, grads, metrics, lengths, step, (eval_loss, log_probs) = references[family, aux]
+    loss, grads, metrics, lengths, step, (eval_loss, log_probs) = references[family, aux, layout.get("z", 0.0)]
     samples = dist_run[2]
     if how == "pairs":  # the single rank packs the same micro-batches as the two EP ranks
         assert lengths == [sum(len(s["tokens"]) for s in p) for p in _split(samples, how)]

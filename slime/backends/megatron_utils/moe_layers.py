@@ -24,7 +24,8 @@ factor would inflate the aux gradient by thousands. `SlimeTopKRouter` drops that
 multiplies by `aux_loss_weight` instead (default 1: each micro-batch's aux loss counts with
 ``--moe-aux-loss-coeff``, summed over micro-batches and DP ranks). A trainer that wants
 Megatron-LM's mean over micro-batches calls ``set_aux_loss_weight(1 / (micro_batches * dp))``
-before the step.
+before the step. The router z-loss (``--moe-z-loss-coeff``) is weighted the same way
+(`SlimeTopKRouter.apply_z_loss`).
 """
 
 from __future__ import annotations
@@ -147,21 +148,45 @@ class SlimeTopKRouter(TopKRouter):
             # The count is a tensor only when a padding mask was given: one host sync per MoE
             # layer of a padded micro-batch.
             aux_loss = torch.zeros_like(aux_loss).detach()
+        self._track(aux_loss_name, aux_loss / aux_loss_coeff, reduce_group, reduce_group_has_dp)
+        return MoEAuxLossAutoScaler.apply(activation, aux_loss * SlimeTopKRouter.aux_loss_weight)
+
+    def apply_z_loss(self, logits, padding_mask=None):
+        """The router z-loss (``--moe-z-loss-coeff``): coeff x the micro-batch's mean over its
+        real tokens of logsumexp(router logits)^2, weighted like the load-balancing loss.
+
+        Replaces megatron's, which scales the gradient by the local token count (see the module
+        docstring: thousands too large here) and, under TP x CP, takes each rank's own mean
+        divided by the group size (not the micro-batch mean when ranks hold different counts).
+        Here each rank adds its tokens' sum over the group's real-token count: the partial
+        losses of the TP x CP ranks add up to the micro-batch's exactly. Costs one scalar
+        all-reduce per MoE layer under TP x CP."""
+        coeff = self.config.moe_z_loss_coeff
+        if coeff is None or not (self.training and torch.is_grad_enabled()):
+            return logits
+        z = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).square()
+        if padding_mask is not None:
+            z = z * (~padding_mask.reshape(-1)).to(z.dtype)
+            count = (~padding_mask).sum().to(torch.float32)
+        else:
+            count = torch.tensor(float(z.numel()), device=z.device)
+        group = self.tp_cp_group
+        if group.size() > 1:
+            dist.all_reduce(count, group=group)
+        z_loss = z.sum() / count.clamp(min=1.0) * coeff  # 0 on a padding-only micro-batch
+        self._track("z_loss", z_loss.detach() / coeff, group)
+        return MoEAuxLossAutoScaler.apply(logits, z_loss * SlimeTopKRouter.aux_loss_weight)
+
+    def _track(self, name: str, value: torch.Tensor, reduce_group, reduce_group_has_dp: bool = False) -> None:
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         # megatron's tracker is process-global and sized by the first model that logs: a later
         # model of another depth in the same process (tests, converters) starts its own.
-        entry = get_moe_layer_wise_logging_tracker().get(aux_loss_name)
+        entry = get_moe_layer_wise_logging_tracker().get(name)
         if entry is not None and entry["values"].numel() != num_layers:
-            del get_moe_layer_wise_logging_tracker()[aux_loss_name]
+            del get_moe_layer_wise_logging_tracker()[name]
         save_to_aux_losses_tracker(
-            aux_loss_name,
-            aux_loss / aux_loss_coeff,
-            self.layer_number,
-            num_layers,
-            reduce_group=reduce_group,
-            reduce_group_has_dp=reduce_group_has_dp,
+            name, value, self.layer_number, num_layers, reduce_group=reduce_group, reduce_group_has_dp=reduce_group_has_dp
         )
-        return MoEAuxLossAutoScaler.apply(activation, aux_loss * SlimeTopKRouter.aux_loss_weight)
 
 
 def set_aux_loss_weight(weight: float) -> None:
