@@ -595,45 +595,35 @@ class MegatronActor:
 
     @torch.no_grad()
     def logits(self, tokens: list[int]) -> torch.Tensor:
-        """Full-vocabulary logits of one sequence (gathered over TP), for parity checks."""
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-        self._eval()
-        if self.info.cp_size > 1:  # one packed sequence split over the CP ranks, the logits gathered back
-            return self._cp_logits(tokens)
-        m = self.alignment.multiple  # sequence parallelism: pad to a multiple of TP (causal: the end is unseen)
-        ids = torch.tensor(tokens + [0] * (-len(tokens) % m), device=self.info.device)[None]
-
-        def full_logits(_mb, out) -> torch.Tensor:
-            if isinstance(out, OutputHead):
-                out = out.logits()
-            out = gather_from_tensor_model_parallel_region(out)
-            return out[0, : len(tokens), : self.model_args.vocab_size].float().cpu()
-
-        if self.info.pp_size > 1:  # the last stage's logits, on every stage
-            # Virtual stages run micro-batches in groups of PP: the same one again fills the group.
-            mbs = [pipeline.unpacked_batch(ids)] * self.alignment.count_multiple
-            return pipeline.last_stage_outputs(self._run_schedule, mbs, full_logits)[0]
-        out = self.model(ids, torch.arange(ids.shape[1], device=self.info.device)[None], attention_mask=None)
-        return full_logits(None, out)
-
-    def _cp_logits(self, tokens: list[int]) -> torch.Tensor:
-        """`logits` under CP: the sequence as one packed micro-batch, split over the CP ranks
-        (pipelined under PP), the last stage's shards gathered back in order. Building the
-        micro-batch counts tokens over DP: every rank calls it, as every rank trains."""
+        """Full-vocabulary logits of one sequence (gathered over TP), for parity checks. Under
+        CP the sequence is one packed micro-batch split over the CP ranks and gathered back;
+        building it counts tokens over DP, so every rank calls this, as every rank trains."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         from slime.backends.megatron_utils.context_parallel import cp_gather
 
-        sample = {"tokens": list(tokens), "loss_mask": [1], "response_length": 1}
-        mbs, _ = self._micro_batches([sample], BatchingArgs(micro_batch_size=1))  # more under VPP: padding-only
+        self._eval()
+        if self.info.cp_size > 1:
+            sample = {"tokens": list(tokens), "loss_mask": [1], "response_length": 1}
+            mbs, _ = self._micro_batches([sample], BatchingArgs(micro_batch_size=1))  # more under VPP: padding-only
+        else:
+            m = self.alignment.multiple  # sequence parallelism: pad to a multiple of TP (causal: the end is unseen)
+            ids = torch.tensor(tokens + [0] * (-len(tokens) % m), device=self.info.device)[None]
+            # Virtual stages run micro-batches in groups of PP: the same one again fills the group.
+            mbs = [pipeline.unpacked_batch(ids)] * self.alignment.count_multiple
 
-        def gathered(mb, out) -> torch.Tensor:
-            out = gather_from_tensor_model_parallel_region(out.logits() if isinstance(out, OutputHead) else out)
-            out = cp_gather(out[0, :, : self.model_args.vocab_size].T.contiguous(), mb.cp, ps.get_context_parallel_group())
-            return out.T.float().cpu()
+        def full_logits(mb, out) -> torch.Tensor:
+            if isinstance(out, OutputHead):
+                out = out.logits()
+            out = gather_from_tensor_model_parallel_region(out)[0, :, : self.model_args.vocab_size]
+            if mb is not None and mb.cp is not None:  # this CP rank's shard -> the whole sequence
+                out = cp_gather(out.T.contiguous(), mb.cp, ps.get_context_parallel_group()).T
+            return out[: len(tokens)].float().cpu()
 
-        if self.info.pp_size > 1:
-            return pipeline.last_stage_outputs(self._run_schedule, mbs, gathered)[0]
-        return gathered(mbs[0], self._logits(self.model, mbs[0]))
+        if self.info.pp_size > 1:  # the last stage's logits, on every stage
+            return pipeline.last_stage_outputs(self._run_schedule, mbs, full_logits)[0]
+        if self.info.cp_size > 1:
+            return full_logits(mbs[0], self._logits(self.model, mbs[0]))
+        out = self.model(ids, torch.arange(ids.shape[1], device=self.info.device)[None], attention_mask=None)
+        return full_logits(None, out)
