@@ -225,7 +225,9 @@ def stage_padding_mask(chunk, mask: torch.Tensor) -> torch.Tensor:
     cuts it into the sequence-parallel slices in the embedding step only, so a chunk without
     the embedding (a later pipeline stage) would route [T / TP] tokens against a [T] mask:
     such a chunk gets this TP rank's slice here (scatter_to_sequence_parallel_region's split)."""
-    module = getattr(chunk, "module", chunk)  # under megatron's DDP wrapper
+    from megatron.core.utils import unwrap_model
+
+    module = unwrap_model(chunk)  # under megatron's DDP wrapper, as the checkpoints unwrap it
     if module.pre_process or not module.config.sequence_parallel:
         return mask
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
